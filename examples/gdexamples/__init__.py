@@ -1,0 +1,1 @@
+"""Example workers served by `make run`."""

@@ -1,0 +1,3 @@
+from gdriver.cli import main
+
+main()

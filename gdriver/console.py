@@ -1,0 +1,448 @@
+"""The management console: a line protocol on TCP, byte-compatible with Gearman::Driver.
+
+Replies end every line with CRLF and every reply with a ``.`` line; errors are
+``ERR <code>: <detail>``. Only the commands below and registered plugin commands dispatch.
+
+Plugins::
+
+    from gdriver.console import ConsoleError, command
+
+    @command("list", help="list the job names")
+    def list_jobs(ctx, *args):
+        return [job.name for job in ctx.driver.get_jobs()]
+
+A plugin returns a list of lines (or one string, or None) and reports an error by raising
+``ConsoleError(code, detail)``. Put it in a module your namespaces import, or expose it with
+an entry point in the ``gdriver.console`` group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import re
+import selectors
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from gdriver import __version__
+
+if TYPE_CHECKING:
+    from gdriver.jobs import Job
+    from gdriver.supervisor import Driver
+
+log = logging.getLogger("gdriver.console")
+
+MAX_LINE = 4096
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 300.0
+MAX_OUTPUT = 1 << 20  # pending reply bytes per connection before we stop reading from it
+DIGITS = re.compile(r"[0-9]+")
+LINE_END = re.compile(rb"\r\n|\n\r|\n|\r")
+IAC = 255
+
+
+class ConsoleError(Exception):
+    """Raise from a command: the client gets ``ERR <code>: <detail>``."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"ERR {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+@dataclass
+class Command:
+    name: str
+    func: Callable[..., Any]
+    usage: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {}
+PLUGINS: dict[str, Command] = {}
+
+
+def command(
+    name: str, usage: str = "", help: str = ""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a console plugin command (a function ``f(ctx, *args)``)."""
+
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        if name in COMMANDS or name in ("quit", "shutdown"):
+            raise ValueError(f"console command {name!r} is built in")
+        PLUGINS[name] = Command(name, func, usage, help or (func.__doc__ or "").strip())
+        return func
+
+    return register
+
+
+def _builtin(name: str, usage: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        COMMANDS[name] = Command(name, func, usage, help)
+        return func
+
+    return register
+
+
+def iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def job_fields(job: Job) -> tuple[str, int, int, int, str, str, str]:
+    msg = job.lasterror_msg.splitlines()[0] if job.lasterror_msg else ""
+    return (job.name, job.min_processes, job.max_processes, job.count, iso(job.lastrun),
+            iso(job.lasterror), f"ERROR: {msg}" if msg else "")  # fmt: skip
+
+
+def status_lines(jobs: Iterable[Job]) -> list[str]:
+    """Perl's status table: name left-aligned to the longest, numbers right-aligned."""
+    rows = [job_fields(j) for j in jobs]
+    w0 = max((len(r[0]) for r in rows), default=0)
+    w1 = max([1] + [len(str(r[1])) for r in rows])
+    w2 = max([1] + [len(str(r[2])) for r in rows])
+    w3 = max([1] + [len(str(r[3])) for r in rows])
+    return [
+        f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}  {r[3]:>{w3}}  {r[4]}  {r[5]}  {r[6]}"
+        for r in rows
+    ]
+
+
+class Context:
+    """What a command sees: the driver and a job lookup that raises the console error."""
+
+    def __init__(self, driver: Driver, server: ConsoleServer | None = None) -> None:
+        self.driver = driver
+        self.server = server
+
+    def get_job(self, name: str | None) -> Job:
+        job = self.driver.get_job(name) if name else None
+        if job is None:
+            raise ConsoleError("invalid_job_name", name or "")
+        return job
+
+
+def _arg(args: tuple[str, ...], i: int) -> str | None:
+    return args[i] if len(args) > i else None
+
+
+@_builtin("status", "status", "one line per job: name, min, max, processes, last run, last error")
+def cmd_status(ctx: Context, *args: str) -> list[str]:
+    return status_lines(ctx.driver.get_jobs())
+
+
+@_builtin("show", "show <job_name>", "the job's status line, then one PID per line")
+def cmd_show(ctx: Context, *args: str) -> list[str]:
+    job = ctx.get_job(_arg(args, 0))
+    line = "{}  {}  {}  {}  {}  {}  {}".format(*job_fields(job))
+    return [line, *(str(pid) for pid in sorted(job.processes))]
+
+
+def _count(value: str | None, what: str) -> int:
+    if value is None or not DIGITS.fullmatch(value):
+        raise ConsoleError("invalid_value", f"{what} must be >= 0")
+    return int(value)
+
+
+@_builtin("set_min_processes", "set_min_processes <job_name> <n>", "set min processes, now")
+def cmd_set_min(ctx: Context, *args: str) -> list[str]:
+    job = ctx.get_job(_arg(args, 0))
+    low = _count(_arg(args, 1), "min_processes")
+    if low > job.max_processes:
+        raise ConsoleError("invalid_value", "min_processes must be smaller than max_processes")
+    ctx.driver.set_limits(job, low, job.max_processes)
+    return ["OK"]
+
+
+@_builtin("set_max_processes", "set_max_processes <job_name> <n>", "set max processes, now")
+def cmd_set_max(ctx: Context, *args: str) -> list[str]:
+    job = ctx.get_job(_arg(args, 0))
+    high = _count(_arg(args, 1), "max_processes")
+    if high < job.min_processes:
+        raise ConsoleError("invalid_value", "max_processes must be greater than min_processes")
+    ctx.driver.set_limits(job, job.min_processes, high)
+    return ["OK"]
+
+
+@_builtin("set_processes", "set_processes <job_name> <min> <max>", "set min and max, now")
+def cmd_set_processes(ctx: Context, *args: str) -> list[str]:
+    job = ctx.get_job(_arg(args, 0))
+    low = _count(_arg(args, 1), "min_processes")
+    high = _count(_arg(args, 2), "max_processes")
+    if high < low:
+        raise ConsoleError("invalid_value", "max_processes must be greater than min_processes")
+    ctx.driver.set_limits(job, low, high)
+    return ["OK"]
+
+
+@_builtin("kill", "kill <pid> [<pid> ...]", "stop processes gracefully (after their job)")
+def cmd_kill(ctx: Context, *args: str) -> list[str]:
+    ours = {str(pid): pid for pid in ctx.driver.procs}
+    pids = [ours[a] for a in args if a in ours]
+    if not pids:
+        raise ConsoleError("invalid_value", "the given PID(s) do not belong to us")
+    ctx.driver.kill_pids(pids)
+    return ["OK"]
+
+
+@_builtin("killall", "killall <job_name> [...] | killall *", "stop every process of the jobs")
+def cmd_killall(ctx: Context, *args: str) -> list[str]:
+    if not args:
+        raise ConsoleError("invalid_value", "no job_names given")
+    jobs = ctx.driver.get_jobs() if list(args) == ["*"] else [ctx.get_job(a) for a in args]
+    for job in jobs:
+        ctx.driver.kill_pids(list(job.processes))
+    return ["OK"]
+
+
+@_builtin("help", "help", "this list")
+def cmd_help(ctx: Context, *args: str) -> list[str]:
+    cmds = [*COMMANDS.values(), *PLUGINS.values()]
+    lines = [f"{c.usage or c.name} - {c.help}" for c in sorted(cmds, key=lambda c: c.name)]
+    lines.append("quit - close this connection")
+    lines.append("shutdown - stop gdriver gracefully (in-flight jobs finish)")
+    return sorted(lines)
+
+
+@_builtin("version", "version", "gdriver version")
+def cmd_version(ctx: Context, *args: str) -> list[str]:
+    return [f"gdriver {__version__}"]
+
+
+def load_plugins() -> None:
+    """Import modules registered under the ``gdriver.console`` entry point group."""
+    for ep in entry_points(group="gdriver.console"):
+        try:
+            ep.load()
+        except Exception as exc:
+            log.error("console plugin %s failed to load: %s", ep.name, exc)
+
+
+def strip_telnet(data: bytes) -> bytes:
+    """Drop telnet IAC negotiation sequences; IAC IAC is a literal 0xFF."""
+    if IAC not in data:
+        return data
+    out = bytearray()
+    i, n = 0, len(data)
+    while i < n:
+        b = data[i]
+        if b != IAC:
+            out.append(b)
+            i += 1
+            continue
+        nxt = data[i + 1] if i + 1 < n else None
+        if nxt == IAC:
+            out.append(IAC)
+            i += 2
+        elif nxt is not None and 251 <= nxt <= 254:  # WILL WONT DO DONT <option>
+            i += 3
+        elif nxt == 250:  # SB ... IAC SE
+            end = data.find(bytes([IAC, 240]), i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            i += 2
+    return bytes(out)
+
+
+def dispatch(ctx: Context, line: str) -> tuple[list[str], str]:
+    """Run one command line. Returns (reply lines without the '.', action) where action is
+    '' or 'close' (quit) or 'shutdown'."""
+    parts = re.split(r"\s+", line)
+    while len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    name, args = parts[0], tuple(parts[1:])
+    if name == "quit":
+        return [], "close"
+    if name == "shutdown":
+        return [], "shutdown"
+    cmd = COMMANDS.get(name) or PLUGINS.get(name)
+    if cmd is None:
+        return [f"ERR unknown_command: {name}"], ""
+    try:
+        result = cmd.func(ctx, *args)
+    except ConsoleError as exc:
+        return [str(exc)], ""
+    except Exception as exc:
+        log.exception("console command %s failed", name)
+        return [f"ERR internal_error: {type(exc).__name__}: {exc}".splitlines()[0]], ""
+    if result is None:
+        return [], ""
+    if isinstance(result, str):
+        return result.splitlines() or [""], ""
+    return [str(x) for x in result], ""
+
+
+class Connection:
+    def __init__(self, server: ConsoleServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.skip_lf = False
+        self.closing = False
+        self.last_active = time.monotonic()
+
+    def events(self) -> int:
+        ev = 0
+        if not self.closing and len(self.outbuf) < MAX_OUTPUT:
+            ev |= selectors.EVENT_READ
+        if self.outbuf:
+            ev |= selectors.EVENT_WRITE
+        return ev
+
+    def on_event(self, mask: int) -> None:
+        self.last_active = time.monotonic()
+        if mask & selectors.EVENT_READ:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                self.close()
+                return
+            if data == b"":
+                self.closing = True
+            elif data:
+                self.feed(strip_telnet(data))
+        if self.outbuf:
+            self.flush()
+        if self.inbuf and len(self.outbuf) < MAX_OUTPUT:
+            self.process_lines()  # input held back while the reply buffer was full
+        self.update()
+
+    def feed(self, data: bytes) -> None:
+        if self.skip_lf and data[:1] == b"\n":
+            data = data[1:]
+        self.skip_lf = False
+        self.inbuf += data
+        self.process_lines()
+
+    def process_lines(self) -> None:
+        pos = 0
+        buf = self.inbuf
+        while not self.closing and len(self.outbuf) < MAX_OUTPUT:
+            m = LINE_END.search(buf, pos)
+            if m is None:
+                if len(buf) - pos > MAX_LINE:
+                    self.too_long()
+                break
+            line = bytes(buf[pos : m.start()])
+            pos = m.end()
+            if m.group() == b"\r" and pos == len(buf):
+                self.skip_lf = True  # a CR at the end of a read may be half of a CRLF
+            if len(line) > MAX_LINE:
+                self.too_long()
+                break
+            self.handle(line.decode("utf-8", "replace"))
+            if self.sock.fileno() < 0:
+                return
+        del buf[:pos]
+
+    def too_long(self) -> None:
+        self.reply([f"ERR line_too_long: lines are limited to {MAX_LINE} bytes"])
+        self.closing = True
+        self.inbuf.clear()
+
+    def handle(self, line: str) -> None:
+        lines, action = dispatch(Context(self.server.driver, self.server), line)
+        if action == "close":
+            self.closing = True
+            self.outbuf.clear()
+            self.close()
+            return
+        if action == "shutdown":
+            self.close()
+            self.server.driver.begin_stop("console shutdown")
+            return
+        self.reply(lines)
+
+    def reply(self, lines: list[str]) -> None:
+        out = "".join(f"{line}\r\n" for line in lines) + ".\r\n"
+        self.outbuf += out.encode("utf-8", "replace")
+
+    def flush(self) -> None:
+        try:
+            n = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self.outbuf[:n]
+
+    def update(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self.closing and not self.outbuf:
+            self.close()
+            return
+        ev = self.events()
+        if ev:
+            self.server.loop.modify(self.sock, ev, self.on_event)
+        else:
+            self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.server.loop.remove(self.sock)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        self.server.connections.discard(self)
+
+
+class ConsoleServer:
+    def __init__(self, driver: Driver, host: str, port: int) -> None:
+        self.driver = driver
+        self.loop = driver.loop
+        self.connections: set[Connection] = set()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
+        self.timer = self.loop.call_later(5.0, self.reap_idle)
+        load_plugins()
+        log.info("console listening on %s:%d", host, port,
+                 extra={"event": "console_listening", "port": port})  # fmt: skip
+
+    def fds(self) -> list[int]:
+        return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("console accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= MAX_CONNECTIONS:
+                with contextlib.suppress(OSError):
+                    sock.send(b"ERR too_many_connections: try again later\r\n.\r\n")
+                sock.close()
+                continue
+            conn = Connection(self, sock)
+            self.connections.add(conn)
+            self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
+
+    def reap_idle(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if now - conn.last_active > IDLE_TIMEOUT:
+                conn.close()
+        self.timer = self.loop.call_later(5.0, self.reap_idle)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        self.loop.remove(self.sock)
+        self.sock.close()

@@ -1,0 +1,165 @@
+"""HTTP for operators, served from the supervisor's own loop (no thread): ``/metrics``
+(Prometheus text, OpenMetrics when asked), ``/healthz`` and ``/readyz``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from gdriver.supervisor import Driver
+
+log = logging.getLogger("gdriver.http")
+
+MAX_REQUEST = 16 * 1024
+MAX_CONNECTIONS = 64
+TIMEOUT = 10.0
+HEALTH_STALE = 10.0  # s without a loop tick before /healthz fails
+
+
+class HttpConnection:
+    def __init__(self, server: HttpServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = b""
+        self.started = time.monotonic()
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not self.outbuf:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            if not data:
+                self.close()
+                return
+            self.inbuf += data
+            end = self.inbuf.find(b"\r\n\r\n")
+            if end < 0:
+                end = self.inbuf.find(b"\n\n")
+            if end < 0:
+                if len(self.inbuf) > MAX_REQUEST:
+                    self.respond(431, b"request header too large\n")
+                return
+            self.outbuf = self.server.handle(bytes(self.inbuf[:end]))
+            self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
+        if mask & selectors.EVENT_WRITE and self.outbuf:
+            try:
+                n = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            self.outbuf = self.outbuf[n:]
+            if not self.outbuf:
+                self.close()
+
+    def respond(self, code: int, body: bytes) -> None:
+        self.outbuf = self.server.response(code, body, "text/plain; charset=utf-8")
+        self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.server.loop.remove(self.sock)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        self.server.connections.discard(self)
+
+
+class HttpServer:
+    def __init__(self, driver: Driver, host: str, port: int) -> None:
+        self.driver = driver
+        self.loop = driver.loop
+        self.connections: set[HttpConnection] = set()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
+        self.timer = self.loop.call_later(1.0, self.reap_slow)
+        log.info("metrics listening on %s:%d", host, port,
+                 extra={"event": "metrics_listening", "port": port})  # fmt: skip
+
+    def fds(self) -> list[int]:
+        return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self.connections) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = HttpConnection(self, sock)
+            self.connections.add(conn)
+            self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
+
+    def reap_slow(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if now - conn.started > TIMEOUT:
+                conn.close()
+        self.timer = self.loop.call_later(1.0, self.reap_slow)
+
+    @staticmethod
+    def response(code: int, body: bytes, ctype: str, head_only: bool = False) -> bytes:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
+                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[code]  # fmt: skip
+        head = (
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        return head if head_only else head + body
+
+    def handle(self, raw: bytes) -> bytes:
+        lines = raw.decode("latin-1").split("\n")
+        parts = lines[0].strip().split()
+        if len(parts) < 2:
+            return self.response(400, b"bad request\n", "text/plain; charset=utf-8")
+        method, target = parts[0], parts[1]
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            return self.response(405, b"method not allowed\n", "text/plain; charset=utf-8")
+        head = method == "HEAD"
+        path = target.split("?", 1)[0]
+        text = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            encoder, ctype = choose_encoder(headers.get("accept", ""))
+            return self.response(200, encoder(self.driver.metrics.registry), ctype, head)
+        if path == "/healthz":
+            stale = time.monotonic() - self.driver.loop.last_tick
+            if stale > HEALTH_STALE:
+                return self.response(503, f"loop stalled for {stale:.0f}s\n".encode(), text, head)
+            return self.response(200, b"ok\n", text, head)
+        if path == "/readyz":
+            ready, reason = self.driver.is_ready()
+            return self.response(200 if ready else 503, reason.encode() + b"\n", text, head)
+        return self.response(404, b"not found\n", text, head)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        self.loop.remove(self.sock)
+        self.sock.close()

@@ -1,0 +1,206 @@
+"""Find worker classes in namespaces and turn them into job specs."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
+from typing import Any
+
+from gdriver.jobs import JobSpec, MethodSpec
+from gdriver.worker import Worker, job_methods, merged_attributes, name_prefix
+
+log = logging.getLogger("gdriver.loader")
+
+
+class LoadError(Exception):
+    """A worker module could not be imported or its jobs are inconsistent."""
+
+
+def add_lib(paths: Iterable[str]) -> None:
+    """Append directories to sys.path (lowest priority, as Perl's @INC push)."""
+    for path in map(os.path.abspath, paths):
+        if path not in sys.path:
+            sys.path.append(path)
+
+
+def import_module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise LoadError(f"cannot import worker module {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def module_names(namespace: str, wanted: Callable[[str], bool] | None = None) -> list[str]:
+    """The namespace and every module below it, sorted; filtered by ``wanted``."""
+    root = import_module(namespace)
+    names = [namespace]
+    path = getattr(root, "__path__", None)
+    if path is not None:
+
+        def onerror(name: str) -> None:
+            exc = sys.exc_info()[1]
+            raise LoadError(f"cannot import worker module {name}: {type(exc).__name__}: {exc}")
+
+        for info in pkgutil.walk_packages(path, prefix=namespace + ".", onerror=onerror):
+            names.append(info.name)
+    names = sorted(set(names))
+    if wanted is not None:
+        names = [n for n in names if wanted(n)]
+    return names
+
+
+def worker_classes(
+    namespaces: Iterable[str], wanted: Callable[[str], bool] | None = None
+) -> list[type[Worker]]:
+    """Worker subclasses with at least one job method, counted where they are defined."""
+    found: dict[str, type[Worker]] = {}
+    for namespace in sorted(namespaces):
+        for name in module_names(namespace, wanted):
+            module = import_module(name)
+            for _, obj in inspect.getmembers(module, inspect.isclass):
+                if (
+                    issubclass(obj, Worker)
+                    and obj is not Worker
+                    and obj.__module__ == module.__name__
+                    and job_methods(obj)
+                ):
+                    found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+def class_key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def worker_kwargs(
+    cls: type, worker_options: Mapping[str, Mapping[str, Any]], server: str
+) -> dict[str, Any]:
+    """GLOBAL options, then the class's own (by module.Class or bare class name), then server."""
+    options: dict[str, Any] = dict(worker_options.get("GLOBAL", {}))
+    for key in (cls.__qualname__, class_key(cls)):
+        options.update(worker_options.get(key, {}))
+    options["server"] = server
+    return options
+
+
+def build_worker(
+    cls: type[Worker], worker_options: Mapping[str, Mapping[str, Any]], server: str
+) -> Worker:
+    kwargs = worker_kwargs(cls, worker_options, server)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:
+        raise LoadError(f"cannot create worker {class_key(cls)}: {type(exc).__name__}: {exc}") from exc
+
+
+def _method_name(worker: object, value: Any, default: str, what: str, method: str) -> str:
+    """encode/decode attribute -> name of a worker method ("" = identity)."""
+    if value is True:
+        value = default
+    if value in (False, None, ""):
+        return ""
+    if not isinstance(value, str) or not callable(getattr(worker, value, None)):
+        raise LoadError(
+            f"{class_key(type(worker))}.{method}: {what}={value!r} is not a method of the worker"
+        )
+    return value
+
+
+def job_specs(
+    worker: Worker, runtime_attributes: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[JobSpec]:
+    """Group a worker's job methods into jobs (one per process group) with their limits."""
+    cls = type(worker)
+    prefix = name_prefix(worker)
+    groups: dict[str, JobSpec] = {}
+    explicit: dict[str, dict[str, Any]] = {}
+    for method, func, decorator in job_methods(cls):
+        attrs = merged_attributes(worker, decorator)
+        group = attrs.get("process_group") or method
+        if not isinstance(group, str):
+            raise LoadError(f"{class_key(cls)}.{method}: process_group must be a string")
+        spec = MethodSpec(
+            function=prefix + method,
+            method=method,
+            body=func,
+            encode=_method_name(worker, attrs.get("encode"), "encode", "encode", method),
+            decode=_method_name(worker, attrs.get("decode"), "decode", "decode", method),
+        )
+        if group not in groups:
+            groups[group] = JobSpec(
+                name=prefix + group, worker=worker, methods=[], key=f"{class_key(cls)}.{group}"
+            )
+            explicit[group] = {}
+        groups[group].methods.append(spec)
+        seen = explicit[group]
+        for attr in ("min_processes", "max_processes", "timeout", "max_jobs_per_process",
+                     "max_process_lifetime"):  # fmt: skip
+            if attr not in attrs:
+                continue
+            if attr in seen and seen[attr] != attrs[attr]:
+                log.warning(
+                    "%s redefined in process group %s at %s.%s: keeping %s",
+                    attr, group, class_key(cls), method, seen[attr],
+                )  # fmt: skip
+                continue
+            seen.setdefault(attr, attrs[attr])
+    specs = []
+    runtime_attributes = runtime_attributes or {}
+    for group, spec in groups.items():
+        attrs = {**explicit[group], **runtime_attributes.get(spec.key, {})}
+        for attr in ("min_processes", "max_processes", "max_jobs_per_process"):
+            value = attrs.get(attr)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise LoadError(f"job {spec.name}: {attr} must be an integer >= 0, got {value!r}")
+        low = attrs.get("min_processes", 1)
+        high = attrs.get("max_processes", max(1, low))
+        if low > high:
+            raise LoadError(f"job {spec.name}: min_processes {low} > max_processes {high}")
+        spec.min_processes, spec.max_processes = low, high
+        spec.timeout = float(attrs.get("timeout", 0) or 0)
+        spec.max_jobs_per_process = attrs.get("max_jobs_per_process")
+        lifetime = attrs.get("max_process_lifetime")
+        spec.max_process_lifetime = None if lifetime is None else float(lifetime)
+        specs.append(spec)
+    return specs
+
+
+def check_unique(specs: Iterable[JobSpec]) -> None:
+    """Duplicate job or function names are fatal (Perl silently replaced the first job)."""
+    jobs: dict[str, JobSpec] = {}
+    functions: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in jobs:
+            raise LoadError(f"duplicate job name {spec.name} ({spec.key} and {jobs[spec.name].key})")
+        jobs[spec.name] = spec
+        for fn in spec.functions:
+            if fn in functions:
+                raise LoadError(f"duplicate function name {fn} (jobs {functions[fn]} and {spec.name})")
+            functions[fn] = spec.name
+
+
+def load(
+    namespaces: Iterable[str],
+    lib: Iterable[str] = (),
+    worker_options: Mapping[str, Mapping[str, Any]] | None = None,
+    runtime_attributes: Mapping[str, Mapping[str, Any]] | None = None,
+    server: str = "localhost:4730",
+    wanted: Callable[[str], bool] | None = None,
+) -> list[JobSpec]:
+    """Import every worker of the namespaces, build one instance per class, return the jobs."""
+    add_lib(lib)
+    specs: list[JobSpec] = []
+    for cls in worker_classes(namespaces, wanted):
+        worker = build_worker(cls, worker_options or {}, server)
+        specs.extend(job_specs(worker, runtime_attributes))
+    check_unique(specs)
+    known = {s.key for s in specs}
+    for key in sorted(set(runtime_attributes or {}) - known):
+        log.warning("job_runtime_attributes: no job matches %s", key)
+    return sorted(specs, key=lambda s: s.name)
