@@ -731,6 +731,8 @@ class Driver:
             if start.reason == "min":
                 self.ensure_min(job, "min")
                 continue
+            if time.monotonic() < job.next_start:
+                continue  # crash-loop backoff: no forks for this job yet
             n = 0
             for _ in range(start.count):
                 if self.spawn(job, start.reason) is not None:

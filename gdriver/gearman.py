@@ -1,0 +1,1184 @@
+"""Gearman wire protocol: the worker loop and the text admin protocol (stdlib only).
+
+The worker (:class:`GearmanWorker`) is a single-threaded ``selectors`` loop that keeps one
+connection to every configured gearmand, grabs jobs with GRAB_JOB_UNIQ, runs them one at a
+time and sends the result together with the next grab in one ``send``.  PRE_SLEEP is sent on
+a connection as soon as it answers NO_JOB; the loop then blocks until gearmand sends NOOP.
+Connection trouble never escapes :meth:`GearmanWorker.work`: the connection is dropped and
+re-established with exponential backoff while the other servers keep being served.
+
+Nothing is created at import time and no threads are used, so the module is safe to use in
+processes forked after import.
+
+Behaviour of gearmand 1.1.20 this module relies on (checked by
+``tests/test_gearman_protocol.py`` against a real gearmand):
+
+* WORK_EXCEPTION is final: gearmand forgets the job, and a WORK_FAIL sent after it is
+  answered with ``ERROR JOB_NOT_FOUND``.  Clients that enabled the ``exceptions`` option get
+  the WORK_EXCEPTION; every other client gets a WORK_FAIL whose handle carries a trailing NUL
+  byte.  Neither common client copes with that packet: the pygearman client raises KeyError,
+  the C client (``gearman -f fn``, which does not enable exceptions) never finishes.
+  WORK_EXCEPTION is therefore never sent.  A failed job with a message is reported as
+  WORK_WARNING(message) followed by WORK_FAIL: both are forwarded unchanged to every client
+  (pygearman keeps the message in ``warning_updates``, the C client prints it on stderr
+  before "Job failed"), and the job ends cleanly.  Without a message only WORK_FAIL is sent.
+* After PRE_SLEEP gearmand answers with NOOP at once if a job is already queued, and sends
+  NOOP when one arrives later; ECHO_REQ on a sleeping connection does not cancel the sleep.
+* Replies on one connection come in request order, so SET_CLIENT_ID, CAN_DO, ECHO_REQ and
+  the first GRAB_JOB_UNIQ are pipelined in one ``send``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+__all__ = [
+    "DEFAULT_PORT",
+    "AdminRequest",
+    "FunctionStatus",
+    "GearmanWorker",
+    "Handler",
+    "Job",
+    "JobFailed",
+    "Server",
+    "admin_command",
+    "parse_servers",
+    "parse_status",
+]
+
+log = logging.getLogger(__name__)
+
+Server = tuple[str, int]
+DEFAULT_PORT = 4730
+
+#: Largest binary packet accepted from a server; anything bigger is treated as garbage.
+MAX_PACKET_SIZE = 64 * 1024 * 1024
+#: Largest admin (text protocol) reply accepted.
+MAX_ADMIN_REPLY = 16 * 1024 * 1024
+
+_REQ = b"\0REQ"
+_RES = b"\0RES"
+_HEADER = struct.Struct(">4sII")
+_HEADER_SIZE = _HEADER.size
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack
+_RECV_SIZE = 256 * 1024
+
+# Packet types used here (see the Gearman protocol document).
+CAN_DO = 1
+PRE_SLEEP = 4
+NOOP = 6
+NO_JOB = 10
+JOB_ASSIGN = 11
+WORK_STATUS = 12
+WORK_COMPLETE = 13
+WORK_FAIL = 14
+ECHO_REQ = 16
+ECHO_RES = 17
+ERROR = 19
+SET_CLIENT_ID = 22
+WORK_EXCEPTION = 25
+OPTION_RES = 27
+WORK_DATA = 28
+WORK_WARNING = 29
+GRAB_JOB_UNIQ = 30
+JOB_ASSIGN_UNIQ = 31
+
+
+def _packet(ptype: int, body: bytes = b"") -> bytes:
+    return _pack_header(_REQ, ptype, len(body)) + body
+
+
+_GRAB = _packet(GRAB_JOB_UNIQ)
+_PRE_SLEEP = _packet(PRE_SLEEP)
+_ECHO = _packet(ECHO_REQ, b"gdriver")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _parse_port(text: str, item: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"bad port in {item!r}: {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad port in {item!r}: {port} is not in 1..65535")
+    return port
+
+
+def _check_host(host: str, item: str) -> None:
+    if any(ch.isspace() or ch in "[]/@," for ch in host):
+        raise ValueError(f"bad host in {item!r}")
+
+
+def parse_servers(spec: str) -> list[Server]:
+    """'host[:port][,host[:port]]' -> [(host, port)].
+
+    Items are stripped of whitespace; a missing host means 'localhost', a missing port 4730.
+    IPv6 addresses are written in brackets: '[::1]' or '[::1]:4730'.  Empty items, bad ports
+    and malformed hosts raise ValueError with a short message.  Repeated servers are listed
+    once.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("no gearman server given")
+    servers: list[Server] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"empty server entry in {spec!r}")
+        if item.startswith("["):
+            close = item.find("]")
+            if close < 0:
+                raise ValueError(f"missing ']' in {item!r}")
+            host = item[1:close]
+            rest = item[close + 1 :]
+            if not host:
+                raise ValueError(f"empty address in {item!r}")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"unexpected text after ']' in {item!r}")
+                port = _parse_port(rest[1:], item)
+            else:
+                port = DEFAULT_PORT
+        elif item.count(":") > 1:
+            raise ValueError(f"IPv6 address must be written as [address]:port in {item!r}")
+        else:
+            host, sep, port_text = item.partition(":")
+            host = host.strip()
+            port = _parse_port(port_text.strip(), item) if sep else DEFAULT_PORT
+            host = host or "localhost"
+        _check_host(host, item)
+        server = (host, port)
+        if server not in servers:
+            servers.append(server)
+    return servers
+
+
+def _label(server: Server) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_ERRNO_TEXT = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.ECONNABORTED: "connection aborted",
+    errno.ETIMEDOUT: "timeout",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EPIPE: "connection closed",
+}
+
+
+def _errno_text(err: int) -> str:
+    return _ERRNO_TEXT.get(err) or os.strerror(err).lower()
+
+
+def _oserror_text(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host: {exc.strerror or exc}"
+    if exc.errno:
+        return _errno_text(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass
+
+
+_CONNECT_PENDING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EALREADY, errno.EINTR)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobFailed(Exception):
+    """Raised by a handler to fail the job.
+
+    ``message`` (bytes or None), when given, is sent to the client as WORK_WARNING just
+    before the WORK_FAIL that ends the job (not as WORK_EXCEPTION; see the module docstring).
+    """
+
+    def __init__(self, message: bytes | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+_FINISHED = -1
+
+
+class Job:
+    """What a handler receives: one job assigned by gearmand.
+
+    Attributes: ``workload`` (bytes), ``function_name`` (str, as registered), ``handle``
+    and ``unique`` (str; bytes that are not UTF-8 are kept as surrogate escapes).
+    send_status/send_data/send_warning send WORK_STATUS/WORK_DATA/WORK_WARNING at once on
+    the connection the job came from.
+
+    A Job built by hand (no connection) accepts send_* calls and drops them, which makes
+    handlers easy to call directly.  Sending for a job that has already finished raises
+    RuntimeError.
+    """
+
+    __slots__ = ("_conn", "_gen", "_handle", "function_name", "handle", "unique", "workload")
+
+    def __init__(
+        self,
+        workload: bytes,
+        function_name: str,
+        handle: str,
+        unique: str,
+        conn: _Conn | None = None,
+        raw_handle: bytes | None = None,
+    ) -> None:
+        self.workload = workload
+        self.function_name = function_name
+        self.handle = handle
+        self.unique = unique
+        self._conn = conn
+        self._gen = conn.gen if conn is not None else 0
+        self._handle = raw_handle if raw_handle is not None else handle.encode()
+
+    def __repr__(self) -> str:
+        return (
+            f"Job(function_name={self.function_name!r}, handle={self.handle!r}, "
+            f"unique={self.unique!r}, workload={len(self.workload)} bytes)"
+        )
+
+    def _send(self, ptype: int, body: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            if self._gen == _FINISHED:
+                raise RuntimeError("job is finished; nothing can be sent for it any more")
+            return  # a Job made by hand, not connected to any server
+        if conn.gen != self._gen:
+            return  # the connection it came from is gone; gearmand requeues the job
+        h = self._handle
+        conn.write(b"".join((_pack_header(_REQ, ptype, len(h) + 1 + len(body)), h, b"\0", body)))
+
+    def send_status(self, numerator: int, denominator: int) -> None:
+        """Send WORK_STATUS (progress numerator/denominator) to the client now."""
+        self._send(WORK_STATUS, b"%d\0%d" % (int(numerator), int(denominator)))
+
+    def send_data(self, data: bytes | str) -> None:
+        """Send WORK_DATA (a partial result) to the client now; str is UTF-8 encoded."""
+        self._send(WORK_DATA, data.encode() if isinstance(data, str) else bytes(data))
+
+    def send_warning(self, data: bytes | str) -> None:
+        """Send WORK_WARNING to the client now; str is UTF-8 encoded."""
+        self._send(WORK_WARNING, data.encode() if isinstance(data, str) else bytes(data))
+
+
+Handler = Callable[[Job], bytes]
+
+
+def _coerce_result(result: Any) -> bytes:
+    if result is None:
+        return b""
+    if isinstance(result, str):
+        return result.encode()
+    if isinstance(result, bytes | bytearray | memoryview):
+        return bytes(result)
+    raise TypeError(f"handler returned {type(result).__name__}, expected bytes")
+
+
+def _failure_packet(handle: bytes, message: bytes | None) -> bytes:
+    # Not WORK_EXCEPTION: gearmand 1.1.20 garbles it for most clients (module docstring).
+    fail = _pack_header(_REQ, WORK_FAIL, len(handle)) + handle
+    if message is None:
+        return fail
+    return b"".join((_pack_header(_REQ, WORK_WARNING, len(handle) + 1 + len(message)),
+                     handle, b"\0", message, fail))  # fmt: skip
+
+
+def _exception_message(exc: BaseException) -> bytes | None:
+    if isinstance(exc, JobFailed):
+        msg = exc.message
+        if msg is None:
+            return None
+        return msg.encode() if isinstance(msg, str) else bytes(msg)
+    text = str(exc) or type(exc).__name__
+    return text.encode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- worker
+
+_DOWN = 0
+_CONNECTING = 1
+_UP = 2
+
+_IN = select.POLLIN
+_OUT = select.POLLOUT
+_ERR_HUP = select.POLLERR | select.POLLHUP
+
+
+class _Poller:
+    """epoll where the platform has it, else poll; both use the POLLIN/POLLOUT masks."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, _Conn | None] = {}
+        impl: Any
+        if hasattr(select, "epoll"):
+            impl = select.epoll()
+            self.scale = 1.0  # epoll.poll takes seconds
+        else:  # pragma: no cover - platforms without epoll
+            impl = select.poll()
+            self.scale = 1000.0  # poll.poll takes milliseconds
+        self._impl = impl
+        self.poll: Callable[[float], list[tuple[int, int]]] = impl.poll
+
+    def register(self, fd: int, events: int, obj: _Conn | None) -> None:
+        self._impl.register(fd, events)
+        self.objects[fd] = obj
+
+    def modify(self, fd: int, events: int) -> None:
+        self._impl.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self.objects.pop(fd, None)
+        try:
+            self._impl.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.objects.clear()
+        if hasattr(self._impl, "close"):
+            self._impl.close()
+
+
+class _Conn:
+    """One worker connection to one gearmand; reused across reconnects."""
+
+    __slots__ = (
+        "addr_idx", "addrs", "backoff", "broken", "confirmed", "connect_deadline", "deadline",
+        "events", "fd", "gen", "grabbing", "inbuf", "label", "last_rx", "need",
+        "next_attempt", "out", "pending", "poller", "server", "sleeping", "sock", "state",
+    )  # fmt: skip
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.label = _label(server)
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.poller: _Poller | None = None
+        self.events = 0
+        self.state = _DOWN
+        self.gen = 0
+        self.addrs: list[tuple[int, int, Any]] = []
+        self.addr_idx = 0
+        self.next_attempt = 0.0
+        self.backoff = 0.0
+        self.connect_deadline = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.inbuf = bytearray()
+        self.need = 0
+        self.out = bytearray()
+        self.confirmed = False
+        self.grabbing = False
+        self.sleeping = False
+        self.pending = 0
+        self.deadline = 0.0
+        self.last_rx = 0.0
+        self.broken: str | None = None
+
+    def attach(self, sock: socket.socket, poller: _Poller, events: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.poller = poller
+        self.events = events
+        self.reset()
+        poller.register(self.fd, events, self)
+
+    def set_events(self, events: int) -> None:
+        if events != self.events and self.poller is not None:
+            self.poller.modify(self.fd, events)
+            self.events = events
+
+    def write(self, data: bytes) -> None:
+        """Send now; whatever the socket does not take is kept and sent when writable."""
+        sock = self.sock
+        if sock is None or self.broken is not None:
+            return
+        if self.out:
+            self.out += data
+            return
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.broken = _oserror_text(exc)
+            return
+        if sent < len(data):
+            self.out += memoryview(data)[sent:]
+            self.set_events(_IN | _OUT)
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            if self.poller is not None:
+                self.poller.unregister(self.fd)
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self.poller = None
+        self.fd = -1
+        self.events = 0
+        self.state = _DOWN
+        self.gen += 1
+        self.reset()
+
+
+class GearmanWorker:
+    """A Gearman worker serving ``functions`` on every server in ``servers``.
+
+    Handlers return bytes (WORK_COMPLETE; None counts as b"" and str is UTF-8 encoded),
+    raise :class:`JobFailed` to fail the job, and any other ``Exception`` fails the job with
+    ``str(exc)`` (or the exception's class name when that is empty) as the message.
+    ``BaseException`` that is not an ``Exception`` (SystemExit, KeyboardInterrupt) is not
+    caught: it closes the connections and leaves :meth:`work`; gearmand then hands the job
+    to another worker.
+    """
+
+    #: Seconds to wait for the reply to a GRAB_JOB_UNIQ or ECHO_REQ before the connection
+    #: is considered dead.
+    reply_timeout = 20.0
+    #: Seconds of silence on a sleeping connection after which an ECHO_REQ checks it.
+    ping_interval = 30.0
+    #: Upper bound, in seconds, for waiting on outstanding grabs and unsent results when
+    #: stopping.
+    stop_grace = 5.0
+    #: should_stop() is checked at least this often (seconds) even with no wake fds.
+    poll_interval = 0.5
+
+    def __init__(
+        self,
+        servers: list[Server],
+        functions: dict[str, Handler],
+        client_id: str | None = None,
+        reconnect_min: float = 0.05,
+        reconnect_max: float = 0.5,
+        connect_timeout: float = 1.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("no gearman server given")
+        if not functions:
+            raise ValueError("no functions to register")
+        if reconnect_min <= 0 or reconnect_max < reconnect_min:
+            raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        self.servers = list(dict.fromkeys(servers))
+        self.functions = dict(functions)
+        self.client_id = client_id
+        self.reconnect_min = float(reconnect_min)
+        self.reconnect_max = float(reconnect_max)
+        self.connect_timeout = float(connect_timeout)
+        self._handlers: dict[bytes, tuple[str, Handler]] = {
+            name.encode(): (name, fn) for name, fn in self.functions.items()
+        }
+        hello = []
+        if client_id:
+            hello.append(_packet(SET_CLIENT_ID, client_id.encode()))
+        hello.extend(_packet(CAN_DO, name) for name in self._handlers)
+        hello.append(_ECHO)
+        self._hello = b"".join(hello)
+        self._conns = [_Conn(s) for s in self.servers]
+        self._poller: _Poller | None = None
+        self._confirmed = 0
+        self._stopping = False
+        self._should_stop: Callable[[], bool] = _never
+        self._on_registered: Callable[[int], None] | None = None
+        #: Jobs finished with WORK_COMPLETE / with WORK_FAIL.
+        self.jobs_completed = 0
+        self.jobs_failed = 0
+        #: ERROR packets received from servers, and the last one as "server: code: text".
+        self.errors_received = 0
+        self.last_error: str | None = None
+
+    @property
+    def registered(self) -> int:
+        """Number of servers on which the registration is currently confirmed."""
+        return self._confirmed
+
+    # ------------------------------------------------------------------ main loop
+
+    def work(
+        self,
+        should_stop: Callable[[], bool],
+        wake_fds: Sequence[int] = (),
+        on_wake: Callable[[int], None] | None = None,
+        on_registered: Callable[[int], None] | None = None,
+    ) -> None:
+        """Serve until should_stop() is true at a safe point, then close connections.
+
+        should_stop() is checked after every job, before every grab, after every wake fd
+        event and at least every ``poll_interval`` seconds.  Once it is true no grab is
+        sent; a grab still outstanding is waited for (at most ``stop_grace`` seconds) and a
+        job it brings is run, so no job is taken and dropped.
+        """
+        if self._poller is not None:
+            raise RuntimeError("work() is already running")
+        self._should_stop = should_stop
+        self._on_registered = on_registered
+        self._stopping = False
+        self.close()
+        poller = self._poller = _Poller()
+        objects = poller.objects
+        poll = poller.poll
+        scale = poller.scale
+        conns = self._conns
+        monotonic = time.monotonic
+        try:
+            for fd in dict.fromkeys(wake_fds):
+                poller.register(fd, _IN, None)
+            now = monotonic()
+            for c in conns:
+                c.next_attempt = now
+                c.backoff = self.reconnect_min
+                c.addrs = []
+                c.addr_idx = 0
+            stop_deadline = 0.0
+            stop_jobs = -1
+            while True:
+                if not self._stopping and should_stop():
+                    self._stopping = True
+                now = monotonic()
+                if self._stopping:
+                    jobs = self.jobs_completed + self.jobs_failed
+                    if jobs != stop_jobs:
+                        # a job run while stopping gets its own grace period for its result
+                        stop_deadline = now + self.stop_grace
+                        stop_jobs = jobs
+                    if now >= stop_deadline or not any(c.grabbing or c.out for c in conns):
+                        return
+                    timeout = min(self._timers(now, True), stop_deadline - now)
+                else:
+                    timeout = self._timers(now, False)
+                events = poll(timeout * scale if timeout > 0.0 else 0.0)
+                now = monotonic()
+                for fd, ev in events:
+                    obj = objects.get(fd, _GONE)
+                    if obj is None:
+                        if on_wake is not None:
+                            on_wake(fd)
+                        elif not _drain(fd):
+                            poller.unregister(fd)
+                        if not self._stopping and should_stop():
+                            self._stopping = True
+                    elif obj is _GONE:
+                        continue  # closed while handling an earlier event of this round
+                    elif ev == _IN and obj.state == _UP:
+                        self._read(obj, now)
+                    else:
+                        self._on_event(obj, ev, now)
+                self._check_deadlines(now, events)
+        finally:
+            self._should_stop = _never
+            self._on_registered = None
+            self.close()
+            self._poller = None
+            poller.close()
+
+    def close(self) -> None:
+        """Close every connection (work() does this itself when it returns)."""
+        for c in self._conns:
+            c.close()
+        self._confirmed = 0
+
+    # ------------------------------------------------------------------ timers
+
+    def _timers(self, now: float, stopping: bool) -> float:
+        """Start due connects, send idle pings; return the poll timeout in seconds."""
+        timeout = self.poll_interval
+        for c in self._conns:
+            state = c.state
+            if state == _UP:
+                if c.pending:
+                    timeout = min(timeout, c.deadline - now)
+                elif c.sleeping and not stopping:
+                    due = c.last_rx + self.ping_interval
+                    if now >= due:
+                        c.pending += 1
+                        c.deadline = now + self.reply_timeout
+                        c.write(_ECHO)
+                        if c.broken is not None:
+                            self._drop(c, c.broken)
+                        continue
+                    timeout = min(timeout, due - now)
+            elif state == _DOWN:
+                if stopping:
+                    continue
+                if now >= c.next_attempt:
+                    self._connect(c, now)
+                    if c.state == _CONNECTING:
+                        timeout = min(timeout, c.connect_deadline - now)
+                    elif c.state == _DOWN:
+                        timeout = min(timeout, c.next_attempt - now)
+                else:
+                    timeout = min(timeout, c.next_attempt - now)
+            else:
+                timeout = min(timeout, c.connect_deadline - now)
+        return timeout
+
+    def _check_deadlines(self, now: float, events: list[tuple[int, int]]) -> None:
+        # Only connections poll() did not report ready can have timed out: a reply that
+        # arrived while a handler ran is reported by the poll() that follows it.
+        for c in self._conns:
+            if c.state == _UP:
+                if c.pending and now >= c.deadline and not _is_ready(c.fd, events):
+                    self._drop(c, "timeout waiting for reply")
+            elif (
+                c.state == _CONNECTING and now >= c.connect_deadline and not _is_ready(c.fd, events)
+            ):
+                self._connect_failed(c, now, "connect timeout")
+
+    # ------------------------------------------------------------------ connections
+
+    def _connect(self, c: _Conn, now: float) -> None:
+        poller = self._poller
+        assert poller is not None
+        reason = "no address"
+        if c.addr_idx >= len(c.addrs):
+            try:
+                infos = socket.getaddrinfo(c.server[0], c.server[1], 0, socket.SOCK_STREAM)
+            except OSError as exc:
+                self._schedule_retry(c, now, _oserror_text(exc))
+                return
+            c.addrs = [(family, proto, sa) for family, _, proto, _, sa in infos]
+            c.addr_idx = 0
+        while c.addr_idx < len(c.addrs):
+            family, proto, sa = c.addrs[c.addr_idx]
+            c.addr_idx += 1
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            except OSError as exc:
+                reason = _oserror_text(exc)
+                continue
+            sock.setblocking(False)
+            _tune_socket(sock)
+            err = sock.connect_ex(sa)
+            if err == 0:
+                c.attach(sock, poller, _IN)
+                self._connected(c, now)
+                return
+            if err in _CONNECT_PENDING:
+                c.attach(sock, poller, _OUT)
+                c.state = _CONNECTING
+                c.connect_deadline = now + self.connect_timeout
+                return
+            sock.close()
+            reason = _errno_text(err)
+        self._schedule_retry(c, now, reason)
+
+    def _connect_failed(self, c: _Conn, now: float, reason: str) -> None:
+        c.close()
+        if c.addr_idx < len(c.addrs):
+            self._connect(c, now)  # next address of the same name
+        else:
+            self._schedule_retry(c, now, reason)
+
+    def _schedule_retry(self, c: _Conn, now: float, reason: str) -> None:
+        c.addr_idx = len(c.addrs)  # resolve again on the next attempt
+        c.next_attempt = now + c.backoff
+        log.debug("gearmand %s unavailable (%s); retry in %.2fs", c.label, reason, c.backoff)
+        c.backoff = min(c.backoff * 2.0, self.reconnect_max)
+
+    def _connected(self, c: _Conn, now: float) -> None:
+        c.state = _UP
+        c.last_rx = now
+        data = self._hello
+        c.pending = 1
+        if not self._stopping and not self._stop_now():
+            data += _GRAB
+            c.grabbing = True
+            c.pending = 2
+        c.deadline = now + self.reply_timeout
+        c.write(data)
+        if c.broken is not None:
+            self._drop(c, c.broken)
+
+    def _drop(self, c: _Conn, reason: str) -> None:
+        was_confirmed = c.confirmed
+        c.close()
+        c.addr_idx = len(c.addrs)
+        c.next_attempt = time.monotonic() + c.backoff
+        c.backoff = min(c.backoff * 2.0, self.reconnect_max)
+        if was_confirmed:
+            log.warning("lost gearmand %s: %s", c.label, reason)
+            self._set_confirmed(self._confirmed - 1)
+        else:
+            log.debug("gearmand %s dropped: %s", c.label, reason)
+
+    def _set_confirmed(self, n: int) -> None:
+        self._confirmed = n
+        if self._on_registered is not None:
+            self._on_registered(n)
+
+    # ------------------------------------------------------------------ I/O
+
+    def _on_event(self, c: _Conn, ev: int, now: float) -> None:
+        sock = c.sock
+        assert sock is not None
+        if c.state == _CONNECTING:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._connect_failed(c, now, _errno_text(err))
+                return
+            try:
+                sock.getpeername()
+            except OSError:
+                return  # not connected yet (an event left over from a closed socket)
+            c.set_events(_IN)
+            self._connected(c, now)
+            return
+        if ev & _OUT and c.out:
+            self._flush(c)
+            if c.sock is None:
+                return
+        if ev & (_IN | _ERR_HUP):
+            self._read(c, now)
+
+    def _flush(self, c: _Conn) -> None:
+        sock = c.sock
+        assert sock is not None
+        try:
+            sent = sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(c, _oserror_text(exc))
+            return
+        del c.out[:sent]
+        if not c.out:
+            c.set_events(_IN)
+
+    def _read(self, c: _Conn, now: float) -> None:
+        sock = c.sock
+        assert sock is not None
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(c, _oserror_text(exc))
+            return
+        if not data:
+            self._drop(c, "connection closed by server")
+            return
+        c.last_rx = now
+        if c.inbuf:
+            c.inbuf += data
+            if len(c.inbuf) < c.need:
+                return
+            data = bytes(c.inbuf)
+            c.inbuf = bytearray()
+        self._parse(c, data)
+
+    def _parse(self, c: _Conn, data: bytes) -> None:
+        pos = 0
+        total = len(data)
+        gen = c.gen
+        while total - pos >= _HEADER_SIZE:
+            magic, ptype, size = _unpack_header(data, pos)
+            if magic != _RES or size > MAX_PACKET_SIZE:
+                self._drop(c, "malformed packet from server")
+                return
+            end = pos + _HEADER_SIZE + size
+            if end > total:
+                break
+            start = pos + _HEADER_SIZE
+            pos = end
+            if ptype in (JOB_ASSIGN_UNIQ, JOB_ASSIGN):
+                parts = data[start:end].split(b"\0", 3 if ptype == JOB_ASSIGN_UNIQ else 2)
+                if len(parts) != (4 if ptype == JOB_ASSIGN_UNIQ else 3) or not c.grabbing:
+                    self._drop(c, "malformed JOB_ASSIGN from server")
+                    return
+                c.grabbing = False
+                c.pending -= 1
+                self._run_job(c, parts)
+                if c.gen != gen:
+                    return
+                if c.broken is not None:
+                    self._drop(c, c.broken)
+                    return
+            elif ptype == NO_JOB:
+                if not c.grabbing:
+                    self._drop(c, "unexpected NO_JOB from server")
+                    return
+                c.grabbing = False
+                c.pending -= 1
+                if not self._stopping:
+                    c.sleeping = True
+                    c.write(_PRE_SLEEP)
+            elif ptype == NOOP:
+                if c.sleeping:
+                    c.sleeping = False
+                    if not self._stopping and not self._stop_now():
+                        c.grabbing = True
+                        c.pending += 1
+                        c.deadline = time.monotonic() + self.reply_timeout
+                        c.write(_GRAB)
+            elif ptype == ECHO_RES:
+                if c.pending > (1 if c.grabbing else 0):
+                    c.pending -= 1
+                if not c.confirmed:
+                    c.confirmed = True
+                    c.backoff = self.reconnect_min
+                    log.info("registered on gearmand %s", c.label)
+                    self._set_confirmed(self._confirmed + 1)
+                    if c.gen != gen:
+                        return
+            elif ptype == ERROR:
+                code, _, text = data[start:end].partition(b"\0")
+                self.errors_received += 1
+                self.last_error = (
+                    f"{c.label}: {code.decode('utf-8', 'replace')}: "
+                    f"{text.decode('utf-8', 'replace')}"
+                )
+                log.warning("gearmand error %s", self.last_error)
+            elif ptype != OPTION_RES:
+                self._drop(c, f"unexpected packet type {ptype} from server")
+                return
+            if c.broken is not None:
+                self._drop(c, c.broken)
+                return
+        if pos < total:
+            rest = data[pos:]
+            c.inbuf = bytearray(rest)
+            if len(rest) >= _HEADER_SIZE:
+                magic, _, size = _unpack_header(rest, 0)
+                c.need = _HEADER_SIZE + size
+            else:
+                c.need = _HEADER_SIZE
+
+    def _stop_now(self) -> bool:
+        if self._should_stop():
+            self._stopping = True
+        return self._stopping
+
+    def _run_job(self, c: _Conn, parts: list[bytes]) -> None:
+        handle = parts[0]
+        if len(parts) == 4:
+            fname, unique, workload = parts[1], parts[2], parts[3]
+        else:
+            fname, unique, workload = parts[1], b"", parts[2]
+        entry = self._handlers.get(fname)
+        if entry is None:
+            packet = _failure_packet(handle, b"function not registered by this worker")
+            self.jobs_failed += 1
+        else:
+            name, handler = entry
+            job = Job(
+                workload,
+                name,
+                handle.decode("utf-8", "surrogateescape"),
+                unique.decode("utf-8", "surrogateescape"),
+                c,
+                handle,
+            )
+            try:
+                result = handler(job)
+                if type(result) is not bytes:
+                    result = _coerce_result(result)
+                packet = b"".join((_pack_header(_REQ, WORK_COMPLETE, len(handle) + 1 + len(result)),
+                                   handle, b"\0", result))  # fmt: skip
+                self.jobs_completed += 1
+            except Exception as exc:
+                packet = _failure_packet(handle, _exception_message(exc))
+                self.jobs_failed += 1
+            finally:
+                job._conn = None
+                job._gen = _FINISHED
+        if c.broken is not None:
+            return
+        if not self._stopping and not self._stop_now():
+            packet += _GRAB
+            c.grabbing = True
+            c.pending += 1
+            c.deadline = time.monotonic() + self.reply_timeout
+        c.write(packet)
+
+
+def _never() -> bool:
+    return False
+
+
+def _drain(fd: int) -> bool:
+    """Read and discard what is readable on fd; False at end of file."""
+    try:
+        return bool(os.read(fd, 65536))
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+
+
+def _is_ready(fd: int, events: list[tuple[int, int]]) -> bool:
+    return any(efd == fd for efd, _ in events)
+
+
+_GONE: Any = object()
+
+
+# --------------------------------------------------------------------------- admin protocol
+
+_MULTILINE_COMMANDS = ("status", "workers", "prioritystatus", "show")
+
+
+def _is_multiline(command: str) -> bool:
+    words = command.split()
+    return bool(words) and words[0].lower() in _MULTILINE_COMMANDS
+
+
+def _admin_payload(command: str) -> bytes:
+    if "\n" in command or "\r" in command or "\0" in command:
+        raise ValueError("admin command must be a single line")
+    if not command.strip():
+        raise ValueError("empty admin command")
+    return command.strip().encode() + b"\n"
+
+
+def _admin_reply(buf: bytes | bytearray, multiline: bool) -> list[str] | None:
+    """The reply lines once buf holds a whole reply, else None."""
+    if not multiline or buf.startswith(b"ERR "):
+        if b"\n" not in buf:
+            return None
+        line = bytes(buf).split(b"\n", 1)[0]
+        return [line.rstrip(b"\r").decode("utf-8", "replace")]
+    if not (buf in (b".\n", b".\r\n") or buf.endswith((b"\n.\n", b"\n.\r\n"))):
+        return None
+    lines = bytes(buf).decode("utf-8", "replace").split("\n")
+    lines = [line.rstrip("\r") for line in lines]
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines[:-1]  # without the final "."
+
+
+def admin_command(server: Server, command: str, timeout: float = 2.0) -> list[str]:
+    """Run one text admin command (status, workers, version, ...) and return its lines.
+
+    Multi-line replies (status, workers, show ..., prioritystatus) are read up to the lone
+    '.', which is not returned; other commands return their single line.  Raises OSError
+    (TimeoutError after ``timeout`` seconds in total) on failure.
+    """
+    payload = _admin_payload(command)
+    multiline = _is_multiline(command)
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(server, timeout=timeout) as sock:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(payload)
+        buf = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete reply to {command!r} within {timeout}s")
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed before the end of the reply")
+            if b"\0" in chunk:
+                raise OSError("malformed reply")
+            buf += chunk
+            if len(buf) > MAX_ADMIN_REPLY:
+                raise OSError(f"admin reply larger than {MAX_ADMIN_REPLY} bytes")
+            lines = _admin_reply(buf, multiline)
+            if lines is not None:
+                return lines
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionStatus:
+    """One line of the ``status`` admin command."""
+
+    total: int
+    running: int
+    workers: int
+
+    @property
+    def waiting(self) -> int:
+        return max(self.total - self.running, 0)
+
+
+def _count(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def parse_status(lines: list[str]) -> dict[str, FunctionStatus]:
+    """Parse ``status`` reply lines ("function\\ttotal\\trunning\\tworkers"); skip bad lines."""
+    out: dict[str, FunctionStatus] = {}
+    for line in lines:
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 4 or not parts[0]:
+            continue
+        total, running, workers = (_count(p.strip()) for p in parts[1:])
+        if total is None or running is None or workers is None:
+            continue
+        out[parts[0]] = FunctionStatus(total, running, workers)
+    return out
+
+
+class AdminRequest:
+    """One admin text command to one server over a fresh non-blocking connection.
+
+    Drive it from a selectors loop: call :meth:`start` (it raises OSError if the request
+    fails at once), register the request (or :meth:`fileno`) for :meth:`wanted_events`,
+    call :meth:`on_event` with the ready mask (then re-read wanted_events), and call
+    :meth:`check_timeout` with ``time.monotonic()`` every loop.  When ``done`` is set,
+    ``error`` is None and ``lines`` holds the reply without the final '.', or ``error`` says
+    what went wrong: "connection refused", "timeout", "malformed reply", "server error:
+    ERR ..." (gearmand rejected the command), ...  The socket stays open until
+    :meth:`close`, so unregister it first and then close it.
+    """
+
+    def __init__(self, server: Server, command: str, timeout: float) -> None:
+        self.server = server
+        self.command = command
+        self.timeout = float(timeout)
+        self.done = False
+        self.error: str | None = None
+        self.lines: list[str] = []
+        self.deadline = 0.0
+        self._payload = _admin_payload(command)
+        self._multiline = _is_multiline(command)
+        self._sock: socket.socket | None = None
+        self._fd = -1
+        self._state = "new"
+        self._sent = 0
+        self._buf = bytearray()
+
+    def __repr__(self) -> str:
+        return f"AdminRequest({_label(self.server)}, {self.command!r}, state={self._state})"
+
+    def start(self) -> None:
+        """Resolve the host, create the socket and start connecting; never blocks on I/O.
+
+        When the request fails at once (the name does not resolve, no socket can be made,
+        the connect is refused synchronously) ``done`` and ``error`` are set, the socket is
+        closed and OSError is raised with ``error`` as its message; there is then nothing to
+        register.
+        """
+        if self._state != "new":
+            raise RuntimeError("AdminRequest already started")
+        self.deadline = time.monotonic() + self.timeout
+        self._state = "connecting"
+        host, port = self.server
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._fail_now(_oserror_text(exc))
+        if not infos:
+            self._fail_now("cannot resolve host")
+        # one socket only, so the fd stays stable for the caller's selector: prefer IPv4
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
+        family, _, proto, _, sockaddr = infos[0]
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+        except OSError as exc:
+            self._fail_now(_oserror_text(exc))
+        self._sock = sock
+        self._fd = sock.fileno()
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        if err == 0:
+            self._state = "sending"
+        elif err not in _CONNECT_PENDING:
+            self._fail_now(_errno_text(err))
+
+    def _fail_now(self, error: str) -> NoReturn:
+        self._fail(error)
+        self.close()
+        raise OSError(error)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def wanted_events(self) -> int:
+        if self._state in ("connecting", "sending"):
+            return selectors.EVENT_WRITE
+        return selectors.EVENT_READ
+
+    def on_event(self, mask: int) -> None:
+        if self.done or self._sock is None:
+            return
+        sock = self._sock
+        try:
+            if self._state == "connecting":
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._fail(_errno_text(err))
+                    return
+                self._state = "sending"
+            if self._state == "sending":
+                self._sent += sock.send(self._payload[self._sent :])
+                if self._sent >= len(self._payload):
+                    self._state = "reading"
+                return
+            if self._state == "reading" and mask & selectors.EVENT_READ:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    self._fail("connection closed before the end of the reply")
+                    return
+                if b"\0" in chunk:
+                    self._fail("malformed reply")
+                    return
+                self._buf += chunk
+                if len(self._buf) > MAX_ADMIN_REPLY:
+                    self._fail(f"reply larger than {MAX_ADMIN_REPLY} bytes")
+                    return
+                lines = _admin_reply(self._buf, self._multiline)
+                if lines is not None:
+                    self.lines = lines
+                    self._buf = bytearray()
+                    self._state = "done"
+                    self.done = True
+                    if lines and lines[0].startswith("ERR "):
+                        self.error = f"server error: {lines[0]}"
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(_oserror_text(exc))
+
+    def check_timeout(self, now: float) -> None:
+        if not self.done and self._state != "new" and now >= self.deadline:
+            self._fail("timeout")
+
+    def _fail(self, error: str) -> None:
+        self.error = error
+        self.done = True
+        self._state = "failed"
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+        self._fd = -1
+        if not self.done:
+            self._fail("closed")
