@@ -37,7 +37,7 @@ class EventLoop:
         self.last_tick = time.monotonic()
 
     def fileno(self) -> int:
-        return self.selector.fileno()  # type: ignore[attr-defined,no-any-return]
+        return int(self.selector.fileno())
 
     def add(self, fileobj: Any, events: int, callback: Callback) -> None:
         self.selector.register(fileobj, events, callback)

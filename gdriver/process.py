@@ -167,7 +167,9 @@ class Child:
                         # the job asked its process to end: fail this job, then exit cleanly
                         message = f"job called exit({exc.code})"
                         self.stop_requested, self.stop_reason = True, "exit"
-                    if isinstance(exc, TypeError) and str(exc).startswith(f"job {function} returned"):
+                    if isinstance(exc, TypeError) and str(exc).startswith(
+                        f"job {function} returned"
+                    ):
                         outcome = "fail"
                     log.error(
                         "job %s failed: %s", function, message,

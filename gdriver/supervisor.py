@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from gdriver import config, loader, logs, observer, process
@@ -292,13 +293,13 @@ class Driver:
                 self.stop_process(proc, "reload")
             job.min_processes = job.max_processes = 0
         for spec in specs:
-            job = self.jobs.get(spec.name)
-            if job is None:
-                job = self.jobs[spec.name] = Job(spec, spec.min_processes, spec.max_processes)
+            known = self.jobs.get(spec.name)
+            if known is None:
+                known = self.jobs[spec.name] = Job(spec, spec.min_processes, spec.max_processes)
             else:
-                job.spec = spec
-                job.min_processes, job.max_processes = spec.min_processes, spec.max_processes
-            self.update_static_gauges(job)
+                known.spec = spec
+                known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
+            self.update_static_gauges(known)
         if new.servers != old.servers or new.interval != old.interval:
             self.reschedule_poll(0.0)
         log.info("configuration reloaded; replacing processes one by one",
@@ -392,9 +393,9 @@ class Driver:
             "all": [parent_sock.fileno(), out_r, err_r],
         }
         self.fds[pid] = entry
-        self.loop.add(parent_sock, selectors.EVENT_READ, lambda m, p=proc: self.on_channel(p))
-        self.loop.add(out_r, selectors.EVENT_READ, lambda m, p=proc: self.on_output(p, out_r))
-        self.loop.add(err_r, selectors.EVENT_READ, lambda m, p=proc: self.on_output(p, err_r))
+        self.loop.add(parent_sock, selectors.EVENT_READ, partial(self.on_channel_event, proc))
+        self.loop.add(out_r, selectors.EVENT_READ, partial(self.on_output_event, proc, out_r))
+        self.loop.add(err_r, selectors.EVENT_READ, partial(self.on_output_event, proc, err_r))
         self.metrics.process_starts.labels(job.name).inc()
         log.info("process started", extra={"event": "process_started", "pid": pid,
                                            "job_name": job.name, "reason": reason})  # fmt: skip
@@ -437,6 +438,12 @@ class Driver:
             self.update_job_gauges(job)
 
     # -- messages from children ----------------------------------------------------------------
+    def on_channel_event(self, proc: Process, mask: int) -> None:
+        self.on_channel(proc)
+
+    def on_output_event(self, proc: Process, fd: int, mask: int) -> None:
+        self.on_output(proc, fd)
+
     def on_channel(self, proc: Process) -> None:
         entry = self.fds.get(proc.pid)
         if entry is None:
@@ -642,7 +649,7 @@ class Driver:
             req.server_name = f"{server[0]}:{server[1]}"  # type: ignore[attr-defined]
             try:
                 req.start()
-                self.loop.add(req, req.wanted_events(), lambda m, r=req: self.on_admin(r, m))
+                self.loop.add(req, req.wanted_events(), partial(self.on_admin, req))
             except OSError as exc:
                 req.done, req.error = True, str(exc)
             self.poll_requests.append(req)
@@ -654,7 +661,7 @@ class Driver:
         if req.done:
             self.loop.remove(req)
         else:
-            self.loop.modify(req, req.wanted_events(), lambda m, r=req: self.on_admin(r, m))
+            self.loop.modify(req, req.wanted_events(), partial(self.on_admin, req))
         self.maybe_finish_poll()
 
     def check_poll_timeouts(self) -> None:
@@ -721,8 +728,10 @@ class Driver:
             )
             if decision.unknown != self.last_unknown:
                 for fn, n in sorted(decision.unknown.items()):
-                    log.warning("jobs queued for a function no job serves: %s (%d waiting)", fn, n,
-                                extra={"event": "unknown_function", "function": fn, "count": n})  # fmt: skip
+                    log.warning(
+                        "jobs queued for a function no job serves: %s (%d waiting)", fn, n,
+                        extra={"event": "unknown_function", "function": fn, "count": n},
+                    )  # fmt: skip
                 self.last_unknown = dict(decision.unknown)
 
     def apply(self, decision: observer.Decision) -> None:
@@ -798,7 +807,11 @@ class Driver:
     def enforce_timeouts(self, job: Job, now: float) -> None:
         limit = job.spec.timeout
         for proc in list(job.processes.values()):
-            if proc.retiring and proc.kill_reason == "timeout" and now - proc.term_sent > KILL_GRACE:
+            if (
+                proc.retiring
+                and proc.kill_reason == "timeout"
+                and now - proc.term_sent > KILL_GRACE
+            ):
                 self.stop_process(proc, "timeout", signal.SIGKILL)
             elif limit and proc.busy and now - proc.busy_since > limit + KILL_GRACE:
                 log.warning("job %s ran past its timeout of %ss; stopping process %d",
@@ -831,7 +844,9 @@ class Driver:
         missing = [j.name for j in self.get_jobs() if j.registered < j.min_processes]
         if missing:
             return False, f"jobs without their min processes registered: {', '.join(missing)}"
-        if not any(self.gearmand_up.values()) and not any(p.registered for p in self.procs.values()):
+        if not any(self.gearmand_up.values()) and not any(
+            p.registered for p in self.procs.values()
+        ):
             return False, "no gearmand answers"
         return True, "ok"
 
