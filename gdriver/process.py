@@ -4,9 +4,11 @@ The child talks to the supervisor over its own SOCK_SEQPACKET socket (one messag
 packet, never its stdout). Messages, child -> supervisor (first byte is the tag):
 
 - ``R<n>``: registered with n gearmand servers (confirmed by an ECHO round trip)
-- ``B<function>``: started a job
-- ``D<outcome>\\0<seconds>\\0<function>\\0<error>``: finished a job; outcome is
-  ``complete``, ``fail`` or ``exception``
+- ``B<function>``: busy: started a job after being idle
+- ``D<json>``: finished jobs, a list of ``[outcome, seconds, function, error]``; outcome is
+  ``complete``, ``fail`` or ``exception``. Sent at least every 50 ms and before going idle,
+  so a process streaming jobs sends a few messages a second, not two per job.
+- ``I``: idle: every connection is asleep waiting for work
 - ``L<json>``: a log record, already formatted
 - ``X<reason>``: about to exit on its own (``max_jobs``, ``lifetime``)
 
@@ -35,6 +37,8 @@ from gdriver.jobs import JobSpec, MethodSpec
 log = logging.getLogger("gdriver.process")
 
 MAX_MESSAGE = 60_000  # bytes; longer log records are cut
+FLUSH_JOBS = 64  # job reports per message at most
+FLUSH_AFTER = 0.05  # s: a busy process reports its finished jobs at least this often
 PR_SET_PDEATHSIG = 1
 CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
@@ -83,6 +87,9 @@ class Child:
         self.stop_reason = ""
         self.stop_requested = False
         self.supervisor_pid = os.getppid()
+        self.busy_reported = False
+        self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
+        self.last_flush = time.monotonic()
 
     # -- channel -----------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -100,6 +107,20 @@ class Child:
                     record[key] = record[key][: MAX_MESSAGE // 4] + " [truncated]"
             data = json.dumps(record, ensure_ascii=False, default=str).encode()[:MAX_MESSAGE]
         self.send(b"L" + data)
+
+    def flush(self) -> None:
+        """Send the finished jobs' reports in one message (many jobs per message under load)."""
+        self.last_flush = time.monotonic()
+        if self.finished:
+            batch, self.finished = self.finished, []
+            self.send(b"D" + json.dumps(batch, ensure_ascii=False).encode())
+
+    def on_idle(self) -> None:
+        """The worker has nothing to do: report its jobs and that it is idle."""
+        self.flush()
+        if self.busy_reported:
+            self.busy_reported = False
+            self.send(b"I")
 
     # -- stopping ----------------------------------------------------------------------------
     def should_stop(self) -> bool:
@@ -144,7 +165,9 @@ class Child:
         send = self.send
 
         def handle(job: Job) -> bytes:
-            send(busy_msg)
+            if not self.busy_reported:
+                self.busy_reported = True
+                send(busy_msg)
             start = time.perf_counter()
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -182,8 +205,12 @@ class Child:
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                 self.jobs_done += 1
-                elapsed = time.perf_counter() - start
-                send(f"D{outcome}\0{elapsed:.6f}\0{function}\0{message}".encode("utf-8", "replace"))
+                self.finished.append((outcome, time.perf_counter() - start, function, message))
+                if (
+                    len(self.finished) >= FLUSH_JOBS
+                    or time.monotonic() - self.last_flush > FLUSH_AFTER
+                ):
+                    self.flush()
             if error is not None:
                 if isinstance(error, JobTimeout):
                     self.stop_requested = True  # the job's state may be broken: start afresh
@@ -265,10 +292,12 @@ def run(
                 wake_fds=(wake_r, channel.fileno()),
                 on_wake=child.on_wake,
                 on_registered=on_registered,
+                on_idle=child.on_idle,
             )
         finally:
             worker.close()
         channel.setblocking(True)
+        child.on_idle()
         if child.stop_reason:
             child.send(b"X" + child.stop_reason.encode())
     except BaseException:

@@ -479,21 +479,15 @@ class Driver:
             ):
                 self.request_poll()
         elif tag == b"D":
-            parts = data[1:].decode("utf-8", "replace").split("\0", 3)
-            if len(parts) != 4:
+            try:
+                batch = json.loads(data[1:])
+            except ValueError:
                 return
-            outcome, seconds, function, message = parts
+            proc.busy_since = now
+            self.on_jobs_done(job, proc, batch)
+        elif tag == b"I":
             proc.busy = False
             proc.idle_since = now
-            proc.jobs_done += 1
-            job.lastrun = time.time()
-            job.failures = 0
-            if outcome != "complete":
-                job.lasterror = job.lastrun
-                job.lasterror_msg = message.splitlines()[0] if message else outcome
-            self.metrics.jobs.labels(job.name, function, outcome).inc()
-            with contextlib.suppress(ValueError):
-                self.metrics.job_duration.labels(job.name, function).observe(float(seconds))
         elif tag == b"L":
             logs.write_line(data[1:] + b"\n")
         elif tag == b"R":
@@ -504,6 +498,18 @@ class Driver:
                 proc.idle_since = now
         elif tag == b"X":
             proc.kill_reason = proc.kill_reason or data[1:].decode("ascii", "replace")
+
+    def on_jobs_done(self, job: Job, proc: Process, batch: list[list[Any]]) -> None:
+        now = time.time()
+        for outcome, seconds, function, message in batch:
+            proc.jobs_done += 1
+            job.lastrun = now
+            job.failures = 0
+            if outcome != "complete":
+                job.lasterror = now
+                job.lasterror_msg = message.splitlines()[0] if message else outcome
+            self.metrics.jobs.labels(job.name, function, outcome).inc()
+            self.metrics.job_duration.labels(job.name, function).observe(seconds)
 
     def on_output(self, proc: Process, fd: int, final: bool = False) -> None:
         """A worker's stdout/stderr: each line becomes one JSON record."""
