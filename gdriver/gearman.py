@@ -53,6 +53,7 @@ __all__ = [
     "Server",
     "admin_command",
     "parse_servers",
+    "packet",
     "parse_status",
 ]
 
@@ -98,6 +99,8 @@ JOB_ASSIGN_UNIQ = 31
 def _packet(ptype: int, body: bytes = b"") -> bytes:
     return _pack_header(_REQ, ptype, len(body)) + body
 
+
+packet = _packet  # public: build one request packet
 
 _GRAB = _packet(GRAB_JOB_UNIQ)
 _PRE_SLEEP = _packet(PRE_SLEEP)

@@ -28,6 +28,7 @@ from gdriver.jobs import Job, JobSpec, MethodSpec, Process
 from gdriver.loop import EventLoop
 from gdriver.metrics import Metrics
 from gdriver.systemd import Notifier
+from gdriver.waker import Waker
 from gdriver.worker import Worker, name_prefix
 
 log = logging.getLogger("gdriver")
@@ -70,7 +71,8 @@ class Driver:
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.generation = 0
-        self.listeners: list[Any] = []  # objects with fileno(); closed in children
+        self.listeners: list[Any] = []  # objects with fds(); closed in children
+        self.wakers: list[Waker] = []
         self.extra_fds: Callable[[], Iterable[int]] = lambda: ()
         self.poll_requests: list[AdminRequest] = []
         self.poll_started = 0.0
@@ -202,10 +204,20 @@ class Driver:
             from gdriver.http import HttpServer
 
             self.listeners.append(HttpServer(self, s.metrics_bind, s.metrics_port))
+        self.make_wakers()
         gc.collect()
         gc.freeze()  # keep the imported code's pages shared after fork
 
+    def make_wakers(self) -> None:
+        for w in self.wakers:
+            w.close()
+        self.wakers = []
+        if self.settings.interval > 0:
+            self.wakers = [Waker(s, self.loop, self.request_poll) for s in self.settings.servers]
+
     def teardown(self) -> None:
+        for w in self.wakers:
+            w.close()
         for listener in self.listeners:
             with contextlib.suppress(Exception):
                 listener.close()
@@ -252,6 +264,9 @@ class Driver:
         )  # fmt: skip
         if self.poll_timer is not None:
             self.poll_timer.cancel()
+        for w in self.wakers:
+            w.close()
+        self.wakers = []
         for proc in list(self.procs.values()):
             self.stop_process(proc, "shutdown")
 
@@ -301,6 +316,7 @@ class Driver:
                 known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
             self.update_static_gauges(known)
         if new.servers != old.servers or new.interval != old.interval:
+            self.make_wakers()
             self.reschedule_poll(0.0)
         log.info("configuration reloaded; replacing processes one by one",
                  extra={"event": "reloaded", "generation": self.generation})  # fmt: skip
@@ -314,7 +330,7 @@ class Driver:
         fds = [self.loop.fileno(), self._wake_r, self._wake_w]
         for entry in self.fds.values():
             fds.extend(entry["all"])
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.wakers]:
             fds.extend(listener.fds())
         for r in self.poll_requests:
             with contextlib.suppress(Exception):
@@ -701,6 +717,8 @@ class Driver:
         self.metrics.poll_duration.observe(time.monotonic() - self.poll_started)
         status = observer.merge_status(rows) if rows else None
         self.observe(status)
+        for w in self.wakers:
+            w.arm()
         if not self.stopping:
             interval = self.settings.interval or 5.0
             if self.repoll_wanted:
@@ -808,6 +826,12 @@ class Driver:
             self.enforce_timeouts(job, now)
             self.roll(job)
             self.update_job_gauges(job)
+        if self.wakers:
+            idle = [j for j in self.jobs.values() if j.max_processes > 0 and not j.live()]
+            functions = {fn for j in idle for fn in j.functions}
+            for w in self.wakers:
+                w.set_functions(functions)
+                w.tick(now)
         self.update_readiness()
 
     def enforce_timeouts(self, job: Job, now: float) -> None:
