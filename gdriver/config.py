@@ -34,6 +34,9 @@ class ConfigError(Exception):
     """An invalid setting: ``key (source): problem``."""
 
     def __init__(self, key: str, source: str, problem: str) -> None:
+        if not key or not key.isprintable() or key != key.strip():
+            key = repr(key)  # an empty or odd key must still be visible, on one line
+        problem = " ".join(problem.split())
         self.key, self.source, self.problem = key, source, problem
         super().__init__(f"{key} ({source}): {problem}")
 
@@ -205,9 +208,8 @@ def _runtime_attributes(value: Any) -> dict[str, dict[str, Any]]:
     for job_key, attrs in out.items():
         for attr, raw in list(attrs.items()):
             if attr not in checks:
-                raise ValueError(
-                    f"{job_key}: unknown attribute {attr!r} (known: {', '.join(RUNTIME_ATTRIBUTES)})"
-                )
+                known = ", ".join(RUNTIME_ATTRIBUTES)
+                raise ValueError(f"{job_key}: unknown attribute {attr!r} (known: {known})")
             try:
                 attrs[attr] = checks[attr](raw)
             except ValueError as exc:
@@ -337,7 +339,9 @@ def load(
     base_values = {k: _validate(k, v, "argument") for k, v in (base or {}).items()}
     env_values = read_env(environ)
     cli_values = {k: _validate(k, v, "command line") for k, v in cli.items()}
-    files = cli_values.get("configfile", env_values.get("configfile", base_values.get("configfile")))
+    files = cli_values.get(
+        "configfile", env_values.get("configfile", base_values.get("configfile"))
+    )
     merged: dict[str, Any] = dict(base_values)
     for path in files or ():
         merged.update(read_yaml(path))

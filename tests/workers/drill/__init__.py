@@ -1,0 +1,1 @@
+"""Workers for the reliability drills."""
