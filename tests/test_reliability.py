@@ -400,7 +400,7 @@ def test_config_fuzz_ends_in_settings_or_a_named_error(doc, env, tmp_path):
         assert exc.key in str(exc)
     else:
         assert isinstance(result, config.Settings)
-        result.servers  # a valid config always has a usable server list
+        assert result.servers  # a valid config always has a usable server list
 
 
 @settings(
