@@ -266,6 +266,8 @@ def test_sigkill_to_supervisor_leaves_no_worker(fresh_gearmand):
         wait_for(lambda: registered(fresh_gearmand, "drill.count", 4), 15)
         children = [int(p) for line in g.console("status") for p in pids_of(g, line.split()[0])]
         assert len(children) >= 7
+        # fork safety: the supervisor never runs a second thread
+        assert os.listdir(f"/proc/{g.pid}/task") == [str(g.pid)]
         os.kill(g.pid, signal.SIGKILL)
         wait_for(lambda: not any(pid_alive(p) for p in children), 5)
     finally:
