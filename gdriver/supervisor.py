@@ -413,6 +413,7 @@ class Driver:
         self.loop.add(out_r, selectors.EVENT_READ, partial(self.on_output_event, proc, out_r))
         self.loop.add(err_r, selectors.EVENT_READ, partial(self.on_output_event, proc, err_r))
         self.metrics.process_starts.labels(job.name).inc()
+        self.update_wakers()  # unregister the waker before the new process registers
         log.info("process started", extra={"event": "process_started", "pid": pid,
                                            "job_name": job.name, "reason": reason})  # fmt: skip
         return proc
@@ -826,13 +827,18 @@ class Driver:
             self.enforce_timeouts(job, now)
             self.roll(job)
             self.update_job_gauges(job)
+        self.update_wakers()
+        for w in self.wakers:
+            w.tick(now)
+        self.update_readiness()
+
+    def update_wakers(self) -> None:
+        """Wakers watch the functions of jobs that have no process (and may have one)."""
         if self.wakers:
             idle = [j for j in self.jobs.values() if j.max_processes > 0 and not j.live()]
             functions = {fn for j in idle for fn in j.functions}
             for w in self.wakers:
                 w.set_functions(functions)
-                w.tick(now)
-        self.update_readiness()
 
     def enforce_timeouts(self, job: Job, now: float) -> None:
         limit = job.spec.timeout
