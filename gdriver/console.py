@@ -41,7 +41,13 @@ log = logging.getLogger("gdriver.console")
 MAX_LINE = 4096
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 300.0
+REAP_INTERVAL = 5.0  # s between looks for idle connections
 MAX_OUTPUT = 1 << 20  # pending reply bytes per connection before we stop reading from it
+# After an error that closes a connection (line too long), the rest of the client's input is
+# read and dropped for a while: closing with unread input would reset the connection and the
+# client could lose the ERR line.
+LINGER = 2.0
+LINGER_MAX = 1 << 20
 DIGITS = re.compile(r"[0-9]+")
 LINE_END = re.compile(rb"\r\n|\n\r|\n|\r")
 IAC = 255
@@ -81,7 +87,9 @@ def command(
     return register
 
 
-def _builtin(name: str, usage: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _builtin(
+    name: str, usage: str, help: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         COMMANDS[name] = Command(name, func, usage, help)
         return func
@@ -222,10 +230,12 @@ def load_plugins() -> None:
             log.error("console plugin %s failed to load: %s", ep.name, exc)
 
 
-def strip_telnet(data: bytes) -> bytes:
-    """Drop telnet IAC negotiation sequences; IAC IAC is a literal 0xFF."""
+def split_telnet(data: bytes) -> tuple[bytes, bytes]:
+    """Drop telnet IAC negotiation sequences; IAC IAC is a literal 0xFF. Returns the text and
+    an incomplete sequence at the end, to be prefixed to the next read (a sequence may be
+    split across reads; an unfinished subnegotiation is kept for at most MAX_LINE bytes)."""
     if IAC not in data:
-        return data
+        return data, b""
     out = bytearray()
     i, n = 0, len(data)
     while i < n:
@@ -234,18 +244,30 @@ def strip_telnet(data: bytes) -> bytes:
             out.append(b)
             i += 1
             continue
-        nxt = data[i + 1] if i + 1 < n else None
+        if i + 1 >= n:
+            return bytes(out), data[i:]
+        nxt = data[i + 1]
         if nxt == IAC:
             out.append(IAC)
             i += 2
-        elif nxt is not None and 251 <= nxt <= 254:  # WILL WONT DO DONT <option>
+        elif 251 <= nxt <= 254:  # WILL WONT DO DONT <option>
+            if i + 2 >= n:
+                return bytes(out), data[i:]
             i += 3
         elif nxt == 250:  # SB ... IAC SE
             end = data.find(bytes([IAC, 240]), i + 2)
-            i = n if end < 0 else end + 2
+            if end < 0:
+                rest = data[i:]
+                return bytes(out), rest if len(rest) <= MAX_LINE else b""
+            i = end + 2
         else:
             i += 2
-    return bytes(out)
+    return bytes(out), b""
+
+
+def strip_telnet(data: bytes) -> bytes:
+    """Drop telnet IAC negotiation sequences (an incomplete one at the end too)."""
+    return split_telnet(data)[0]
 
 
 def dispatch(ctx: Context, line: str) -> tuple[list[str], str]:
@@ -283,12 +305,17 @@ class Connection:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.skip_lf = False
+        self.telnet = b""  # an IAC sequence cut by the end of the last read
         self.closing = False
+        self.linger = False  # drop input after our last reply instead of resetting
+        self.dropped = 0
+        self.shut = False
+        self.linger_timer: Any = None
         self.last_active = time.monotonic()
 
     def events(self) -> int:
         ev = 0
-        if not self.closing and len(self.outbuf) < MAX_OUTPUT:
+        if self.linger or (not self.closing and len(self.outbuf) < MAX_OUTPUT):
             ev |= selectors.EVENT_READ
         if self.outbuf:
             ev |= selectors.EVENT_WRITE
@@ -306,8 +333,15 @@ class Connection:
                 return
             if data == b"":
                 self.closing = True
+                self.linger = False
+            elif data and self.linger:
+                self.dropped += len(data)
+                if self.dropped > LINGER_MAX:
+                    self.close()
+                    return
             elif data:
-                self.feed(strip_telnet(data))
+                text, self.telnet = split_telnet(self.telnet + data)
+                self.feed(text)
         if self.outbuf:
             self.flush()
         if self.inbuf and len(self.outbuf) < MAX_OUTPUT:
@@ -315,6 +349,8 @@ class Connection:
         self.update()
 
     def feed(self, data: bytes) -> None:
+        if not data:
+            return
         if self.skip_lf and data[:1] == b"\n":
             data = data[1:]
         self.skip_lf = False
@@ -345,16 +381,19 @@ class Connection:
     def too_long(self) -> None:
         self.reply([f"ERR line_too_long: lines are limited to {MAX_LINE} bytes"])
         self.closing = True
+        self.linger = True
         self.inbuf.clear()
 
     def handle(self, line: str) -> None:
         lines, action = dispatch(Context(self.server.driver, self.server), line)
-        if action == "close":
+        if action == "close":  # quit: no reply; earlier replies still go out, then EOF
             self.closing = True
-            self.outbuf.clear()
-            self.close()
+            self.linger = True
             return
         if action == "shutdown":
+            self.closing = True
+            if self.outbuf:
+                self.flush()  # best effort: earlier replies; the loop may end before a write
             self.close()
             self.server.driver.begin_stop("console shutdown")
             return
@@ -378,8 +417,17 @@ class Connection:
         if self.sock.fileno() < 0:
             return
         if self.closing and not self.outbuf:
-            self.close()
-            return
+            if not self.linger:
+                self.close()
+                return
+            if not self.shut:
+                self.shut = True
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self.close()
+                    return
+                self.linger_timer = self.server.loop.call_later(LINGER, self.close)
         ev = self.events()
         if ev:
             self.server.loop.modify(self.sock, ev, self.on_event)
@@ -387,6 +435,9 @@ class Connection:
             self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
 
     def close(self) -> None:
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
         if self.sock.fileno() >= 0:
             self.server.loop.remove(self.sock)
             with contextlib.suppress(OSError):
@@ -406,7 +457,7 @@ class ConsoleServer:
         self.sock.listen(128)
         self.sock.setblocking(False)
         self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
-        self.timer = self.loop.call_later(5.0, self.reap_idle)
+        self.timer = self.loop.call_later(REAP_INTERVAL, self.reap_idle)
         load_plugins()
         log.info("console listening on %s:%d", host, port,
                  extra={"event": "console_listening", "port": port})  # fmt: skip
@@ -427,6 +478,8 @@ class ConsoleServer:
             if len(self.connections) >= MAX_CONNECTIONS:
                 with contextlib.suppress(OSError):
                     sock.send(b"ERR too_many_connections: try again later\r\n.\r\n")
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.recv(65536)  # drop what the client already sent: close without a reset
                 sock.close()
                 continue
             conn = Connection(self, sock)
@@ -438,7 +491,7 @@ class ConsoleServer:
         for conn in list(self.connections):
             if now - conn.last_active > IDLE_TIMEOUT:
                 conn.close()
-        self.timer = self.loop.call_later(5.0, self.reap_idle)
+        self.timer = self.loop.call_later(REAP_INTERVAL, self.reap_idle)
 
     def close(self) -> None:
         self.timer.cancel()

@@ -26,7 +26,7 @@ class ConsoleClient:
     def request(self, line: str) -> list[str] | None:
         """Send one line; the reply lines, or None when the server closed (quit, shutdown)."""
         self.sock.sendall(line.encode("utf-8") + b"\r\n")
-        lines = []
+        lines: list[str] = []
         while True:
             while b"\r\n" not in self.buf:
                 try:
@@ -34,7 +34,7 @@ class ConsoleClient:
                 except TimeoutError:
                     raise OSError(f"{self.name}: no reply within {TIMEOUT:g}s") from None
                 if not chunk:
-                    return None if not lines else lines
+                    return lines if lines else None
                 self.buf += chunk
             raw, self.buf = self.buf.split(b"\r\n", 1)
             text = raw.decode("utf-8", "replace")
@@ -48,12 +48,13 @@ class ConsoleClient:
 
 
 def parse_server(text: str) -> tuple[str, int]:
-    default = int(os.environ.get("GDRIVER_CONSOLE_PORT", "") or DEFAULT_PORT)
+    env = os.environ.get("GDRIVER_CONSOLE_PORT", "")
+    if env and not (env.isdigit() and 0 < int(env) < 65536):
+        raise ValueError(f"GDRIVER_CONSOLE_PORT={env!r}: must be a port number (1-65535)")
+    default = int(env) if env else DEFAULT_PORT
     host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
-    if not host:
-        host, port = text, ""
-    if not port.isdigit() and port:
-        raise ValueError(f"bad server {text!r}: port must be a number")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad server {text!r}: port must be a number (1-65535)")
     return host or "127.0.0.1", int(port) if port else default
 
 

@@ -21,6 +21,14 @@ MAX_REQUEST = 16 * 1024
 MAX_CONNECTIONS = 64
 TIMEOUT = 10.0
 HEALTH_STALE = 10.0  # s without a loop tick before /healthz fails
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
 
 class HttpConnection:
@@ -121,8 +129,7 @@ class HttpServer:
 
     @staticmethod
     def response(code: int, body: bytes, ctype: str, head_only: bool = False) -> bytes:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
-                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[code]  # fmt: skip
+        reason = REASONS[code]
         head = (
             f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -145,6 +152,8 @@ class HttpServer:
         path = target.split("?", 1)[0]
         text = "text/plain; charset=utf-8"
         if path == "/metrics":
+            for job in self.driver.get_jobs():  # the per-job gauges as of now, not of the last tick
+                self.driver.update_job_gauges(job)
             encoder, ctype = choose_encoder(headers.get("accept", ""))
             return self.response(200, encoder(self.driver.metrics.registry), ctype, head)
         if path == "/healthz":

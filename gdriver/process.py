@@ -64,6 +64,27 @@ def to_bytes(result: Any, function: str) -> bytes:
     )
 
 
+def shrink_record(line: str) -> bytes:
+    """A JSON log record cut to fit one channel message, still one valid JSON object."""
+    record = json.loads(line)
+    size = len(line.encode("utf-8", "replace"))
+    for key in sorted(record, key=lambda k: -len(str(record[k]))):
+        if size <= MAX_MESSAGE:
+            break
+        value = record[key]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        keep = max(0, len(text) - (size - MAX_MESSAGE) - 64) // 4  # characters of <= 4 bytes
+        record[key] = text[:keep] + f" [truncated {len(text) - keep} characters]"
+        size = len(json.dumps(record, ensure_ascii=False, default=str).encode())
+    data = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "replace")
+    if len(data) > MAX_MESSAGE:  # too many fields to shrink: keep what identifies the record
+        keys = ("timestamp", "level", "logger", "pid", "job_name")
+        small = {k: record[k] for k in keys if k in record}
+        small["message"] = "log record too large to forward"
+        data = json.dumps(small, ensure_ascii=False, default=str).encode()
+    return data
+
+
 def error_text(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -101,11 +122,7 @@ class Child:
     def send_log(self, line: str) -> None:
         data = line.encode("utf-8", "replace")
         if len(data) > MAX_MESSAGE:
-            record = json.loads(line)
-            for key in ("exc_info", "message"):
-                if isinstance(record.get(key), str) and len(record[key]) > MAX_MESSAGE // 4:
-                    record[key] = record[key][: MAX_MESSAGE // 4] + " [truncated]"
-            data = json.dumps(record, ensure_ascii=False, default=str).encode()[:MAX_MESSAGE]
+            data = shrink_record(line)
         self.send(b"L" + data)
 
     def flush(self) -> None:

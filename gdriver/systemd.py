@@ -1,39 +1,72 @@
 """sd_notify for the supervisor: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 
-Wraps the sdnotify package. Silent without ``NOTIFY_SOCKET``. Only the supervisor (the main
-PID) notifies; worker processes drop ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and
-``WATCHDOG_PID`` from their environment right after fork.
+Silent without ``NOTIFY_SOCKET`` (a path, or ``@name`` for an abstract socket). Only the
+supervisor (the main PID) notifies; worker processes drop ``NOTIFY_SOCKET``,
+``WATCHDOG_USEC`` and ``WATCHDOG_PID`` from their environment right after fork. Each message
+goes out on a socket opened for it alone, so no notification socket is ever open when the
+supervisor forks: a worker process cannot inherit it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Mapping
 
 import sdnotify
 
 
+class _Datagram(sdnotify.SystemdNotifier):
+    """sdnotify's notifier on a socket of our own: opened for one message (so none is open
+    when the supervisor forks), close-on-exec and non-blocking (so a stuck manager never
+    stalls the loop), and aimed at the address we were given."""
+
+    def __init__(self, address: str) -> None:
+        self.debug = False
+        self.socket = socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+        try:
+            self.socket.connect(address)
+        except OSError:
+            self.socket.close()
+            raise
+
+    def __enter__(self) -> _Datagram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.socket.close()
+
+
 class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
-        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        self.address = address
+        self.enabled = bool(address)
         self.watchdog_interval = 0.0
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
-        if self.enabled and usec.isdigit() and int(usec) > 0:
-            if not pid or (pid.isdigit() and int(pid) == os.getpid()):
-                self.watchdog_interval = int(usec) / 1e6 / 2
+        ours = not pid or (pid.isdigit() and int(pid) == os.getpid())
+        if self.enabled and usec.isdigit() and int(usec) > 0 and ours:
+            self.watchdog_interval = int(usec) / 1e6 / 2
         self.ready = False
         self.status = ""
         self._last_watchdog = 0.0
 
     def send(self, *lines: str) -> None:
-        if self._notifier is not None:
-            text = "\n".join(lines)
-            # sdnotify encodes latin-1; keep the datagram valid whatever the text holds
-            self._notifier.notify(text.encode("latin-1", "replace").decode("latin-1"))
+        """One datagram; errors are ignored (the manager may be gone or not listening)."""
+        if not self.enabled:
+            return
+        # sdnotify encodes latin-1 and drops what it cannot encode: keep the text encodable
+        text = "\n".join(lines).encode("latin-1", "replace").decode("latin-1")
+        with contextlib.suppress(OSError), _Datagram(self.address) as notifier:
+            notifier.notify(text)
 
     def notify_ready(self) -> None:
         if not self.ready:

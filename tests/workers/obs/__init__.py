@@ -1,0 +1,1 @@
+"""Workers for the console, metrics, sd_notify and log tests."""
