@@ -296,6 +296,11 @@ class Driver:
     def apply_reload(self, new: config.Settings, specs: list[JobSpec]) -> None:
         old = self.settings
         self.settings = new
+        fixed = ("console_port", "console_bind", "metrics_port", "metrics_bind", "daemonize",
+                 "pidfile", "logfile")  # fmt: skip
+        changed = [k for k in fixed if getattr(old, k) != getattr(new, k)]
+        if changed:
+            log.warning("reload: %s take effect at the next start", ", ".join(changed))
         logging.getLogger().setLevel(new.loglevel)
         self.generation += 1
         by_name = {s.name: s for s in specs}
