@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from gdriver.worker import Worker, job  # noqa: E402
+from gdriver.worker import Worker, job
 
 __all__ = ["Driver", "Worker", "__version__", "job"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -116,11 +117,18 @@ def cmd_check_config(argv: Sequence[str]) -> int:
         fail(exc)
     out = settings.as_dict()
     out["jobs"] = [
-        {"name": s.name, "functions": s.functions, "min_processes": s.min_processes,
-         "max_processes": s.max_processes}  # fmt: skip
+        {
+            "name": s.name,
+            "functions": s.functions,
+            "min_processes": s.min_processes,
+            "max_processes": s.max_processes,
+        }
         for s in specs
     ]
-    print(json.dumps(out, indent=2, sort_keys=True))
+    try:
+        print(json.dumps(out, indent=2, sort_keys=True), flush=True)
+    except BrokenPipeError:  # e.g. `gdriver check-config | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -52,8 +52,8 @@ __all__ = [
     "JobFailed",
     "Server",
     "admin_command",
-    "parse_servers",
     "packet",
+    "parse_servers",
     "parse_status",
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import inspect
 import logging
 import os
@@ -37,22 +38,56 @@ def import_module(name: str) -> ModuleType:
 
 
 def module_names(namespace: str, wanted: Callable[[str], bool] | None = None) -> list[str]:
-    """The namespace and every module below it, sorted; filtered by ``wanted``."""
+    """The namespace and every module below it, sorted; filtered by ``wanted``.
+
+    Sub-directories without ``__init__.py`` (namespace packages) are walked too, as Python
+    imports them and Perl's Module::Find found every module below a namespace."""
     root = import_module(namespace)
     names = [namespace]
     path = getattr(root, "__path__", None)
     if path is not None:
-
-        def onerror(name: str) -> None:
-            exc = sys.exc_info()[1]
-            raise LoadError(f"cannot import worker module {name}: {type(exc).__name__}: {exc}")
-
-        for info in pkgutil.walk_packages(path, prefix=namespace + ".", onerror=onerror):
-            names.append(info.name)
+        names.extend(_walk(list(path), namespace + ".", set()))
     names = sorted(set(names))
     if wanted is not None:
         names = [n for n in names if wanted(n)]
     return names
+
+
+def _walk(path: list[str], prefix: str, seen: set[str]) -> list[str]:
+    """Names of the modules and packages below ``path`` (imports the packages to descend).
+    ``seen``: directories already walked (symbolic link loops end there)."""
+    path = [p for p in path if os.path.realpath(p) not in seen]
+    seen.update(os.path.realpath(p) for p in path)
+    found: list[str] = []
+    packages: list[str] = []
+    for info in pkgutil.iter_modules(path, prefix):
+        found.append(info.name)
+        if info.ispkg:
+            packages.append(info.name)
+    for entry in path:
+        try:
+            children = sorted(os.listdir(entry))
+        except OSError:
+            continue
+        for child in children:
+            name = prefix + child
+            if (
+                child.isidentifier()
+                and child != "__pycache__"
+                and name not in found
+                and os.path.isdir(os.path.join(entry, child))
+                and not any(
+                    os.path.exists(os.path.join(entry, child, f"__init__{suffix}"))
+                    for suffix in importlib.machinery.all_suffixes()
+                )
+            ):
+                found.append(name)
+                packages.append(name)
+    for name in packages:
+        sub = getattr(import_module(name), "__path__", None)
+        if sub is not None:
+            found.extend(_walk(list(sub), name + ".", seen))
+    return found
 
 
 def worker_classes(
@@ -96,10 +131,12 @@ def build_worker(
     try:
         return cls(**kwargs)
     except Exception as exc:
-        raise LoadError(f"cannot create worker {class_key(cls)}: {type(exc).__name__}: {exc}") from exc
+        raise LoadError(
+            f"cannot create worker {class_key(cls)}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-def _method_name(worker: object, value: Any, default: str, what: str, method: str) -> str:
+def coder_name(worker: object, value: Any, default: str, what: str, method: str) -> str:
     """encode/decode attribute -> name of a worker method ("" = identity)."""
     if value is True:
         value = default
@@ -115,7 +152,20 @@ def _method_name(worker: object, value: Any, default: str, what: str, method: st
 def job_specs(
     worker: Worker, runtime_attributes: Mapping[str, Mapping[str, Any]] | None = None
 ) -> list[JobSpec]:
-    """Group a worker's job methods into jobs (one per process group) with their limits."""
+    """Group a worker's job methods into jobs (one per process group) with their limits.
+
+    Any problem (a bad prefix, attribute or limit) is a LoadError naming the class."""
+    try:
+        return _job_specs(worker, runtime_attributes)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"{class_key(type(worker))}: {type(exc).__name__}: {exc}") from exc
+
+
+def _job_specs(
+    worker: Worker, runtime_attributes: Mapping[str, Mapping[str, Any]] | None
+) -> list[JobSpec]:
     cls = type(worker)
     prefix = name_prefix(worker)
     groups: dict[str, JobSpec] = {}
@@ -125,19 +175,19 @@ def job_specs(
         group = attrs.get("process_group") or method
         if not isinstance(group, str):
             raise LoadError(f"{class_key(cls)}.{method}: process_group must be a string")
-        spec = MethodSpec(
+        mspec = MethodSpec(
             function=prefix + method,
             method=method,
             body=func,
-            encode=_method_name(worker, attrs.get("encode"), "encode", "encode", method),
-            decode=_method_name(worker, attrs.get("decode"), "decode", "decode", method),
+            encode=coder_name(worker, attrs.get("encode"), "encode", "encode", method),
+            decode=coder_name(worker, attrs.get("decode"), "decode", "decode", method),
         )
         if group not in groups:
             groups[group] = JobSpec(
                 name=prefix + group, worker=worker, methods=[], key=f"{class_key(cls)}.{group}"
             )
             explicit[group] = {}
-        groups[group].methods.append(spec)
+        groups[group].methods.append(mspec)
         seen = explicit[group]
         for attr in ("min_processes", "max_processes", "timeout", "max_jobs_per_process",
                      "max_process_lifetime"):  # fmt: skip
@@ -150,14 +200,22 @@ def job_specs(
                 )  # fmt: skip
                 continue
             seen.setdefault(attr, attrs[attr])
-    specs = []
+    specs: list[JobSpec] = []
     runtime_attributes = runtime_attributes or {}
     for group, spec in groups.items():
         attrs = {**explicit[group], **runtime_attributes.get(spec.key, {})}
         for attr in ("min_processes", "max_processes", "max_jobs_per_process"):
             value = attrs.get(attr)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
                 raise LoadError(f"job {spec.name}: {attr} must be an integer >= 0, got {value!r}")
+        for attr in ("timeout", "max_process_lifetime"):
+            value = attrs.get(attr)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            ):
+                raise LoadError(f"job {spec.name}: {attr} must be a number >= 0, got {value!r}")
         low = attrs.get("min_processes", 1)
         high = attrs.get("max_processes", max(1, low))
         if low > high:
@@ -177,11 +235,15 @@ def check_unique(specs: Iterable[JobSpec]) -> None:
     functions: dict[str, str] = {}
     for spec in specs:
         if spec.name in jobs:
-            raise LoadError(f"duplicate job name {spec.name} ({spec.key} and {jobs[spec.name].key})")
+            raise LoadError(
+                f"duplicate job name {spec.name} ({spec.key} and {jobs[spec.name].key})"
+            )
         jobs[spec.name] = spec
         for fn in spec.functions:
             if fn in functions:
-                raise LoadError(f"duplicate function name {fn} (jobs {functions[fn]} and {spec.name})")
+                raise LoadError(
+                    f"duplicate function name {fn} (jobs {functions[fn]} and {spec.name})"
+                )
             functions[fn] = spec.name
 
 

@@ -22,6 +22,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -114,10 +115,16 @@ class Child:
 
     # -- channel -----------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        try:
-            self.channel.send(data)
-        except OSError:
-            self.stop_requested = True  # the supervisor is gone
+        while True:
+            try:
+                self.channel.send(data)
+                return
+            except BlockingIOError:
+                # the supervisor reads slowly (e.g. its stdout is throttled): wait, never drop
+                select.select([], [self.channel], [], 1.0)
+            except OSError:
+                self.stop_requested = True  # the supervisor is gone
+                return
 
     def send_log(self, line: str) -> None:
         data = line.encode("utf-8", "replace")

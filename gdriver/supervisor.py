@@ -107,24 +107,26 @@ class Driver:
             if inspect.ismethod(body):
                 bound = body
                 body = lambda _w, job, workload, _b=bound: _b(job, workload)  # noqa: E731
-            specs.append(
-                MethodSpec(
-                    function=prefix + m["name"],
-                    method=m["name"],
-                    body=body,
-                    encode=m.get("encode") or "",
-                    decode=m.get("decode") or "",
-                )
-            )
+            try:
+                encode = loader.coder_name(worker, m.get("encode"), "encode", "encode", m["name"])
+                decode = loader.coder_name(worker, m.get("decode"), "decode", "decode", m["name"])
+            except loader.LoadError as exc:
+                raise ValueError(str(exc)) from None
+            specs.append(MethodSpec(prefix + m["name"], m["name"], body, encode, decode))
+        if not specs:
+            raise ValueError(f"job {prefix + name}: no methods")
         low = 1 if min_processes is None else min_processes
         high = max(1, low) if max_processes is None else max_processes
+        for what, value in (("min_processes", low), ("max_processes", high)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"job {prefix + name}: {what} must be an integer >= 0")
         if low > high:
             raise ValueError(f"job {prefix + name}: min_processes {low} > max_processes {high}")
         spec = JobSpec(
             name=prefix + name, worker=worker, methods=specs, min_processes=low,
             max_processes=high, key=f"{loader.class_key(type(worker))}.{name}", **limits,
         )  # fmt: skip
-        loader.check_unique([*self.manual_specs, spec])
+        loader.check_unique([*(j.spec for j in self.jobs.values()), spec])
         self.manual_specs.append(spec)
         job = Job(spec, low, high)
         self.jobs[spec.name] = job

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,10 +145,14 @@ def job_methods(cls: type) -> list[tuple[str, Callable[..., Any], dict[str, Any]
 def merged_attributes(worker: object, decorator: dict[str, Any]) -> dict[str, Any]:
     """default_attributes < decorator < override_attributes; unknown keys warn and are skipped."""
     merged: dict[str, Any] = {}
+    for what in ("default_attributes", "override_attributes"):
+        value = getattr(worker, what, None)
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{type(worker).__qualname__}.{what} must be a dict, got {value!r}")
     for source in (
-        getattr(worker, "default_attributes", {}) or {},
+        getattr(worker, "default_attributes", None) or {},
         decorator,
-        getattr(worker, "override_attributes", {}) or {},
+        getattr(worker, "override_attributes", None) or {},
     ):
         for key, value in source.items():
             if key not in JOB_ATTRIBUTES:

@@ -1,0 +1,1 @@
+"""A package with worker submodules (the loader walks it recursively)."""
