@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
-from support import Gearmand  # noqa: E402
+from support import Gearmand
 
 
 @pytest.fixture(scope="session")

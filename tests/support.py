@@ -146,7 +146,9 @@ def client(*servers: str) -> Any:
     return gearman.GearmanClient(list(servers))
 
 
-def do(servers: str | list[str], function: str, workload: bytes | str = b"", timeout: float = 15.0) -> Any:
+def do(
+    servers: str | list[str], function: str, workload: bytes | str = b"", timeout: float = 15.0
+) -> Any:
     """Submit one foreground job with a real client and wait for it; return the request."""
     import gearman
 
@@ -241,7 +243,9 @@ class Gdriver:
                 out.append(json.loads(line))
         return out
 
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
             return next((r for r in self.records() if predicate(r)), None)
 

@@ -1,6 +1,6 @@
 """Text jobs: try them with the C client, e.g.
 
-    gearman -h 127.0.0.1 -p 4730 -f gdexamples.text.Text.reverse hello
+gearman -h 127.0.0.1 -p 4730 -f gdexamples.text.Text.reverse hello
 """
 
 import json

@@ -1,7 +1,6 @@
 """Workers for the live tests (the Perl suite's Gearman::Driver::Test::Live)."""
 
 from gdriver import job
-
 from live.base import All
 
 

@@ -5,7 +5,6 @@ import sys
 import time
 
 from gdriver import job
-
 from live.base import All
 
 
