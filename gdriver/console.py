@@ -31,6 +31,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from gdriver import __version__
+from gdriver.loop import TcpServer
 
 if TYPE_CHECKING:
     from gdriver.jobs import Job
@@ -313,6 +314,9 @@ class Connection:
         self.linger_timer: Any = None
         self.last_active = time.monotonic()
 
+    def stale(self, now: float) -> bool:
+        return now - self.last_active > IDLE_TIMEOUT
+
     def events(self) -> int:
         ev = 0
         if self.linger or (not self.closing and len(self.outbuf) < MAX_OUTPUT):
@@ -445,57 +449,22 @@ class Connection:
         self.server.connections.discard(self)
 
 
-class ConsoleServer:
+class ConsoleServer(TcpServer):
+    name = "console"
+    max_connections = MAX_CONNECTIONS
+
     def __init__(self, driver: Driver, host: str, port: int) -> None:
         self.driver = driver
-        self.loop = driver.loop
-        self.connections: set[Connection] = set()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
-        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
-        self.timer = self.loop.call_later(REAP_INTERVAL, self.reap_idle)
+        self.reap_interval = REAP_INTERVAL
         load_plugins()
-        log.info("console listening on %s:%d", host, port,
-                 extra={"event": "console_listening", "port": port})  # fmt: skip
+        super().__init__(driver.loop, host, port)
 
-    def fds(self) -> list[int]:
-        return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
+    def connect(self, sock: socket.socket) -> Connection:
+        return Connection(self, sock)
 
-    def on_accept(self, mask: int) -> None:
-        for _ in range(64):
-            try:
-                sock, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("console accept failed: %s", exc)
-                return
-            sock.setblocking(False)
-            if len(self.connections) >= MAX_CONNECTIONS:
-                with contextlib.suppress(OSError):
-                    sock.send(b"ERR too_many_connections: try again later\r\n.\r\n")
-                    sock.shutdown(socket.SHUT_WR)
-                    sock.recv(65536)  # drop what the client already sent: close without a reset
-                sock.close()
-                continue
-            conn = Connection(self, sock)
-            self.connections.add(conn)
-            self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
-
-    def reap_idle(self) -> None:
-        now = time.monotonic()
-        for conn in list(self.connections):
-            if now - conn.last_active > IDLE_TIMEOUT:
-                conn.close()
-        self.timer = self.loop.call_later(REAP_INTERVAL, self.reap_idle)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        for conn in list(self.connections):
-            conn.close()
-        self.loop.remove(self.sock)
-        self.sock.close()
+    def refuse(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(b"ERR too_many_connections: try again later\r\n.\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536)  # drop what the client already sent: close without a reset
+        sock.close()

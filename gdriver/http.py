@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.exposition import choose_encoder
 
+from gdriver.loop import TcpServer
+
 if TYPE_CHECKING:
     from gdriver.supervisor import Driver
 
@@ -73,6 +75,9 @@ class HttpConnection:
             if not self.outbuf:
                 self.close()
 
+    def stale(self, now: float) -> bool:
+        return now - self.started > TIMEOUT
+
     def respond(self, code: int, body: bytes) -> None:
         self.outbuf = self.server.response(code, body, "text/plain; charset=utf-8")
         self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
@@ -85,47 +90,16 @@ class HttpConnection:
         self.server.connections.discard(self)
 
 
-class HttpServer:
+class HttpServer(TcpServer):
+    name = "metrics"
+    max_connections = MAX_CONNECTIONS
+
     def __init__(self, driver: Driver, host: str, port: int) -> None:
         self.driver = driver
-        self.loop = driver.loop
-        self.connections: set[HttpConnection] = set()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
-        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
-        self.timer = self.loop.call_later(1.0, self.reap_slow)
-        log.info("metrics listening on %s:%d", host, port,
-                 extra={"event": "metrics_listening", "port": port})  # fmt: skip
+        super().__init__(driver.loop, host, port)
 
-    def fds(self) -> list[int]:
-        return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
-
-    def on_accept(self, mask: int) -> None:
-        for _ in range(64):
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if len(self.connections) >= MAX_CONNECTIONS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = HttpConnection(self, sock)
-            self.connections.add(conn)
-            self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
-
-    def reap_slow(self) -> None:
-        now = time.monotonic()
-        for conn in list(self.connections):
-            if now - conn.started > TIMEOUT:
-                conn.close()
-        self.timer = self.loop.call_later(1.0, self.reap_slow)
+    def connect(self, sock: socket.socket) -> HttpConnection:
+        return HttpConnection(self, sock)
 
     @staticmethod
     def response(code: int, body: bytes, ctype: str, head_only: bool = False) -> bytes:
@@ -165,10 +139,3 @@ class HttpServer:
             ready, reason = self.driver.is_ready()
             return self.response(200 if ready else 503, reason.encode() + b"\n", text, head)
         return self.response(404, b"not found\n", text, head)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        for conn in list(self.connections):
-            conn.close()
-        self.loop.remove(self.sock)
-        self.sock.close()

@@ -7,9 +7,10 @@ import heapq
 import itertools
 import logging
 import selectors
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("gdriver.loop")
 
@@ -93,3 +94,75 @@ class EventLoop:
 
     def close(self) -> None:
         self.selector.close()
+
+
+class Connection(Protocol):
+    sock: socket.socket
+
+    def on_event(self, mask: int) -> None: ...
+    def close(self) -> None: ...
+    def stale(self, now: float) -> bool: ...
+
+
+class TcpServer:
+    """A listening socket served by the loop: accepts up to ``max_connections`` clients,
+    hands each to ``connect()``, and closes the stale ones every ``reap_interval`` s."""
+
+    max_connections = 64
+    reap_interval = 1.0
+    name = "tcp"
+
+    def __init__(self, loop: EventLoop, host: str, port: int) -> None:
+        self.loop = loop
+        self.connections: set[Any] = set()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
+        self.timer = self.loop.call_later(self.reap_interval, self.reap)
+        log.info("%s listening on %s:%d", self.name, host, port,
+                 extra={"event": f"{self.name}_listening", "port": port})  # fmt: skip
+
+    def connect(self, sock: socket.socket) -> Connection:
+        raise NotImplementedError
+
+    def refuse(self, sock: socket.socket) -> None:
+        """Too many connections: say so if the protocol can, then close."""
+        sock.close()
+
+    def fds(self) -> list[int]:
+        return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: accept failed: %s", self.name, exc)
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= self.max_connections:
+                self.refuse(sock)
+                continue
+            conn = self.connect(sock)
+            self.connections.add(conn)
+            self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.stale(now):
+                conn.close()
+        self.timer = self.loop.call_later(self.reap_interval, self.reap)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        self.loop.remove(self.sock)
+        self.sock.close()
