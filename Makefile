@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEARMAND_PORT ?= 4730
 RUN_ARGS ?=
+LINT_PATHS := $(wildcard gdriver tests bench examples)
 
 .PHONY: install system-deps tools run test lint format bench deploy-check clean
 
@@ -41,13 +42,13 @@ test: install system-deps tools
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check gdriver tests bench examples
-	$(VENV)/bin/ruff format --check gdriver tests bench examples
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy gdriver
 
 format: install
-	$(VENV)/bin/ruff check --fix gdriver tests bench examples
-	$(VENV)/bin/ruff format gdriver tests bench examples
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 deploy-check: tools
 	deploy/check.sh
