@@ -73,12 +73,12 @@ class Driver:
         self.generation = 0
         self.listeners: list[Any] = []  # objects with fds(); closed in children
         self.wakers: list[Waker] = []
-        self.extra_fds: Callable[[], Iterable[int]] = lambda: ()
         self.poll_requests: list[AdminRequest] = []
         self.poll_started = 0.0
         self.poll_timer: Any = None
         self.repoll_wanted = False
         self.gearmand_up: dict[str, bool] = {}
+        self.last_status: Mapping[str, FunctionStatus] = {}
         self.last_unknown: dict[str, int] = {}
         self.ready = False
         self.started = time.time()
@@ -746,6 +746,8 @@ class Driver:
         return views
 
     def observe(self, status: Mapping[str, FunctionStatus] | None) -> None:
+        if status is not None:
+            self.last_status = status
         if self.stopping:
             return
         decision = observer.decide(
@@ -758,13 +760,13 @@ class Driver:
                 {fn: (s.waiting, s.running, s.workers) for fn, s in status.items()},
                 dict(decision.unknown),
             )
-            if decision.unknown != self.last_unknown:
-                for fn, n in sorted(decision.unknown.items()):
+            for fn, n in sorted(decision.unknown.items()):
+                if fn not in self.last_unknown:  # once per sighting, the gauge tells the rest
                     log.warning(
                         "jobs queued for a function no job serves: %s (%d waiting)", fn, n,
                         extra={"event": "unknown_function", "function": fn, "count": n},
                     )  # fmt: skip
-                self.last_unknown = dict(decision.unknown)
+            self.last_unknown = dict(decision.unknown)
 
     def apply(self, decision: observer.Decision) -> None:
         for start in decision.starts:
@@ -901,25 +903,7 @@ class Driver:
         if ready:
             self.notifier.notify_ready()
         busy = sum(1 for p in self.procs.values() if p.busy)
-        queued = int(sum(v for v in self._queued().values()))
+        queued = sum(s.waiting for s in self.last_status.values())
         self.notifier.notify_status(
             f"{len(self.jobs)} jobs, {len(self.procs)} processes, {busy} busy, {queued} queued"
         )
-
-    def _queued(self) -> dict[str, float]:
-        out = {}
-        for metric in self.metrics.queue_jobs.collect():
-            for sample in metric.samples:
-                out[sample.labels["function"]] = sample.value
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "jobs": len(self.jobs),
-            "processes": len(self.procs),
-            "busy": sum(1 for p in self.procs.values() if p.busy),
-        }
-
-
-def dump_settings(settings: config.Settings) -> str:
-    return json.dumps(settings.as_dict(), indent=2, sort_keys=True)
