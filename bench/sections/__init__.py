@@ -1,0 +1,1 @@
+"""The benchmark sections; each module has run(ctx) -> dict."""
