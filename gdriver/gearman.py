@@ -535,12 +535,13 @@ class GearmanWorker:
         wake_fds: Sequence[int] = (),
         on_wake: Callable[[int], None] | None = None,
         on_registered: Callable[[int], None] | None = None,
-        on_idle: Callable[[], None] | None = None,
+        on_idle: Callable[[], float | None] | None = None,
     ) -> None:
         """Serve until should_stop() is true at a safe point, then close connections.
 
         on_idle(), when given, is called before the loop blocks while every live connection
-        is asleep (PRE_SLEEP sent, no grab outstanding): the moment the worker has no work.
+        is asleep (PRE_SLEEP sent, no grab outstanding): the worker has no work. It may return
+        the number of seconds after which it wants to be called again.
 
         should_stop() is checked after every job, before every grab, after every wake fd
         event and at least every ``poll_interval`` seconds.  Once it is true no grab is
@@ -588,7 +589,9 @@ class GearmanWorker:
                     if on_idle is not None and not any(
                         c.state == _UP and not c.sleeping for c in conns
                     ):
-                        on_idle()
+                        again = on_idle()
+                        if again is not None:
+                            timeout = min(timeout, again)
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
                 for fd, ev in events:

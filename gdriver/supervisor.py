@@ -79,6 +79,7 @@ class Driver:
         self.repoll_wanted = False
         self.gearmand_up: dict[str, bool] = {}
         self.last_status: Mapping[str, FunctionStatus] = {}
+        self.job_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.last_unknown: dict[str, int] = {}
         self.ready = False
         self.started = time.time()
@@ -207,6 +208,7 @@ class Driver:
 
             self.listeners.append(HttpServer(self, s.metrics_bind, s.metrics_port))
         self.make_wakers()
+        process.warm_up()
         gc.collect()
         gc.freeze()  # keep the imported code's pages shared after fork
 
@@ -525,6 +527,7 @@ class Driver:
 
     def on_jobs_done(self, job: Job, proc: Process, batch: list[list[Any]]) -> None:
         now = time.time()
+        cache = self.job_metrics
         for outcome, seconds, function, message in batch:
             proc.jobs_done += 1
             job.lastrun = now
@@ -532,8 +535,15 @@ class Driver:
             if outcome != "complete":
                 job.lasterror = now
                 job.lasterror_msg = message.splitlines()[0] if message else outcome
-            self.metrics.jobs.labels(job.name, function, outcome).inc()
-            self.metrics.job_duration.labels(job.name, function).observe(seconds)
+            key = (job.name, function, outcome)
+            children = cache.get(key)
+            if children is None:  # labels() is costly: look each series up once
+                children = cache[key] = (
+                    self.metrics.jobs.labels(*key),
+                    self.metrics.job_duration.labels(job.name, function),
+                )
+            children[0].inc()
+            children[1].observe(seconds)
 
     def on_output(self, proc: Process, fd: int, final: bool = False) -> None:
         """A worker's stdout/stderr: each line becomes one JSON record."""

@@ -26,6 +26,7 @@ from gdriver.loop import EventLoop
 log = logging.getLogger("gdriver.waker")
 
 RESET_ABILITIES = 3
+GRAB_JOB = 9
 HEADER = 12
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
 
@@ -53,17 +54,23 @@ class Waker:
         if wanted == self.functions:
             return
         self.functions = wanted
-        if self.connected:
-            self.out += self.abilities()
-            self.armed = False
+        if self.connected and (self.armed or not wanted):
+            self.out += self.abilities()  # asleep: a job for a new function wakes it
+            self.flush()
+        elif self.connected:
             self.arm()
         elif wanted and self.sock is None:
             self.tick(time.monotonic())
 
     def arm(self) -> None:
-        """Sleep again: the next queued job for one of the functions wakes the supervisor."""
+        """Sleep again: the next queued job for one of the functions wakes the supervisor.
+
+        gearmand 1.1.20 sends a sleeping worker NOOP only once until that worker grabs. So
+        each arming drops the abilities, grabs (answered NO_JOB: with no abilities nothing
+        can be assigned), registers the functions again and sleeps."""
         if self.connected and self.functions and not self.armed:
             self.armed = True
+            self.out += packet(RESET_ABILITIES) + packet(GRAB_JOB) + self.abilities()
             self.out += packet(PRE_SLEEP)
             self.flush()
 
@@ -123,7 +130,6 @@ class Waker:
                 return
             self.connected = True
             self.backoff = BACKOFF_MIN
-            self.out += self.abilities()
             self.arm()
         if mask & selectors.EVENT_READ:
             try:

@@ -299,7 +299,6 @@ def test_console_survives_garbage_floods_and_many_connections(gearmand):
                 s.settimeout(5)
                 s.connect((HOST, g.console_port))
                 socks.append(s)
-            socks[-1].sendall(b"status\n")
             assert socks[-1].recv(100).startswith(b"ERR too_many_connections")
             for s in socks[:20]:
                 s.sendall(b"stat")  # half-open: a partial line, never finished
