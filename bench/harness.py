@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support import stop_pid  # the tests' process helpers
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORKERS = BENCH / "workers"
@@ -111,21 +114,13 @@ def start(cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
 
 
 def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> int | None:
-    """TERM, wait, then KILL: by the PID we started."""
+    """TERM, wait, then KILL: by the PID we started (the tests' own helper)."""
     if proc is None:
         return None
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    code = stop_pid(proc, timeout)
     with contextlib.suppress(ValueError):
         _started.remove(proc)
-    return proc.returncode
+    return code
 
 
 def stop_many(procs: Iterable[subprocess.Popen[Any]], timeout: float = 15.0) -> None:
