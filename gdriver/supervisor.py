@@ -80,6 +80,7 @@ class Driver:
         self.gearmand_up: dict[str, bool] = {}
         self.last_status: Mapping[str, FunctionStatus] = {}
         self.job_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.removed_jobs: set[str] = set()
         self.last_unknown: dict[str, int] = {}
         self.ready = False
         self.started = time.time()
@@ -316,7 +317,10 @@ class Driver:
             for proc in job.live():
                 self.stop_process(proc, "reload")
             job.min_processes = job.max_processes = 0
+            self.removed_jobs.add(name)
+            self.forget_removed(job)
         for spec in specs:
+            self.removed_jobs.discard(spec.name)
             known = self.jobs.get(spec.name)
             if known is None:
                 known = self.jobs[spec.name] = Job(spec, spec.min_processes, spec.max_processes)
@@ -332,6 +336,13 @@ class Driver:
         for job in self.get_jobs():
             self.ensure_min(job, "min")
         self.start_poll()
+
+    def forget_removed(self, job: Job) -> None:
+        """A job dropped by a reload leaves the tables once its last process is gone."""
+        if job.name in self.removed_jobs and not job.processes:
+            self.removed_jobs.discard(job.name)
+            del self.jobs[job.name]
+            self.metrics.forget_job(job.name)
 
     # -- processes -----------------------------------------------------------------------------
     def child_fds(self) -> list[int]:
@@ -642,6 +653,9 @@ class Driver:
             log.info("process exited", extra=extra)
         self.metrics.process_exits.labels(proc.job_name, reason).inc()
         if job is None:
+            return
+        if job.name in self.removed_jobs:
+            self.forget_removed(job)
             return
         if reason == "timeout":
             self.metrics.job_timeouts.labels(job.name).inc()

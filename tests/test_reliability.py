@@ -423,3 +423,25 @@ def test_cli_fuzz_exits_0_or_78_with_one_line(args, capsys):
     err = capsys.readouterr().err.strip()
     if exit_info.value.code == 78:
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_hup_drops_a_job_whose_worker_left_the_configuration(fresh_gearmand):
+    config = {"namespaces": ["drill.jobs", "live.quit"], "interval": 1}
+    g = Gdriver(fresh_gearmand, config=config).start()
+    try:
+        wait_for(lambda: registered(fresh_gearmand, "live.quit.Quit.quit1", 1), 15)
+        (old,) = pids_of(g, "live.quit.Quit.group1")
+        cfg_path = g.tmp / "config.yml"
+        cfg_path.write_text(yaml.safe_dump({"namespaces": ["drill.jobs"], "interval": 1}))
+        os.kill(g.pid, signal.SIGHUP)
+        wait_for(lambda: not any(x.startswith("live.quit.") for x in g.console("status")), 15)
+        wait_for(lambda: not pid_alive(old), 10)
+        assert g.console("show live.quit.Quit.group1") == [
+            "ERR invalid_job_name: live.quit.Quit.group1"
+        ]
+        assert do(fresh_gearmand.address, "drill.echo", b"still").result == b"still"
+        cfg_path.write_text(yaml.safe_dump(config))  # and back
+        os.kill(g.pid, signal.SIGHUP)
+        wait_for(lambda: registered(fresh_gearmand, "live.quit.Quit.quit1", 1), 15)
+    finally:
+        assert g.stop() == 0
