@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ log = logging.getLogger("gdriver.process")
 
 MAX_MESSAGE = 60_000  # bytes; longer log records are cut
 FLUSH_JOBS = 64  # job reports per message at most
+GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF}
+MAX_ERROR = 512  # characters of an error message in a job report (the log has it all)
 FLUSH_AFTER = 0.05  # s: a busy process reports its finished jobs at least this often
 IDLE_AFTER = 0.05  # s without work before a process reports itself idle
 PR_SET_PDEATHSIG = 1
@@ -113,6 +116,7 @@ class Child:
         self.stop_requested = False
         self.supervisor_pid = os.getppid()
         self.busy_reported = False
+        self.timing = False  # the job's timeout alarm is armed
         self.idle_since: float | None = None  # monotonic; set while idle but still reported busy
         self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
         self.last_flush = time.monotonic()
@@ -126,9 +130,10 @@ class Child:
             except BlockingIOError:
                 # the supervisor reads slowly (e.g. its stdout is throttled): wait, never drop
                 select.select([], [self.channel], [], 1.0)
-            except OSError:
-                self.stop_requested = True  # the supervisor is gone
-                return
+            except OSError as exc:
+                if exc.errno in GONE:
+                    self.stop_requested = True  # the supervisor is gone
+                return  # anything else (e.g. EMSGSIZE): this message is lost, not the process
 
     def send_log(self, line: str) -> None:
         data = line.encode("utf-8", "replace")
@@ -136,12 +141,25 @@ class Child:
             data = shrink_record(line)
         self.send(b"L" + data)
 
+    def on_alarm(self, signum: int, frame: Any) -> None:
+        if self.timing:  # only while the job itself runs, never in its hooks
+            raise JobTimeout("job exceeded its timeout")
+
     def flush(self) -> None:
         """Send the finished jobs' reports in one message (many jobs per message under load)."""
         self.last_flush = time.monotonic()
         if self.finished:
             batch, self.finished = self.finished, []
-            self.send(b"D" + json.dumps(batch, ensure_ascii=False).encode())
+            self.send_reports(batch)
+
+    def send_reports(self, batch: list[tuple[str, float, str, str]]) -> None:
+        data = b"D" + json.dumps(batch, ensure_ascii=False).encode("utf-8", "replace")
+        if len(data) > MAX_MESSAGE and len(batch) > 1:  # keep each message in one read
+            half = len(batch) // 2
+            self.send_reports(batch[:half])
+            self.send_reports(batch[half:])
+        else:
+            self.send(data[:MAX_MESSAGE] if len(data) > MAX_MESSAGE else data)
 
     def on_idle(self) -> float | None:
         """The worker has nothing to do. After IDLE_AFTER s of that, report the finished jobs
@@ -208,58 +226,74 @@ class Child:
         send = self.send
 
         def handle(job: Job) -> bytes:
+            try:
+                return run_job(job)
+            except JobTimeout:  # the alarm fired while it was being disarmed: still a timeout
+                self.stop_requested, self.stop_reason = True, "timeout"
+                raise JobFailed(b"JobTimeout: job exceeded its timeout") from None
+
+        def run_job(job: Job) -> bytes:
             self.idle_since = None
             if not self.busy_reported:
                 self.busy_reported = True
                 send(busy_msg)
+            elif self.finished and time.monotonic() - self.last_flush > FLUSH_AFTER:
+                self.flush()  # reports of earlier jobs must not wait for this one
             start = time.perf_counter()
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, timeout)
             outcome, message, data = "complete", "", b""
             workload: Any = job.workload
             error: BaseException | None = None
             try:
-                try:
-                    if decode is not None:
-                        workload = decode(job.workload)
-                    worker.begin(job, workload)
-                    result = body(worker, job, workload)
-                    if encode is not None:
-                        result = encode(result)
-                    data = to_bytes(result, function)
-                except (Exception, JobTimeout, SystemExit) as exc:
-                    error = exc
-                    outcome, message = "exception", error_text(exc)
-                    if isinstance(exc, SystemExit):
-                        # the job asked its process to end: fail this job, then exit cleanly
-                        message = f"job called exit({exc.code})"
-                        self.stop_requested, self.stop_reason = True, "exit"
-                    if isinstance(exc, TypeError) and str(exc).startswith(
-                        f"job {function} returned"
-                    ):
-                        outcome = "fail"
-                    log.error(
-                        "job %s failed: %s", function, message,
-                        exc_info=outcome == "exception" and not isinstance(exc, SystemExit),
-                        extra={"function": function},
-                    )  # fmt: skip
-                    _guarded(worker.on_exception, job, workload, exc)
-                _guarded(worker.end, job, workload, error)
+                if timeout:
+                    self.timing = True
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                if decode is not None:
+                    workload = decode(job.workload)
+                worker.begin(job, workload)
+                result = body(worker, job, workload)
+                if encode is not None:
+                    result = encode(result)
+                data = to_bytes(result, function)
+            except (Exception, JobTimeout, SystemExit) as exc:
+                error = exc
             finally:
+                # the limit covers the job, not its hooks: a late alarm is a no-op from here
+                self.timing = False
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                self.jobs_done += 1
-                self.finished.append((outcome, time.perf_counter() - start, function, message))
-                if (
-                    outcome != "complete"  # errors show in the console at once
-                    or len(self.finished) >= FLUSH_JOBS
-                    or time.monotonic() - self.last_flush > FLUSH_AFTER
-                ):
-                    self.flush()
             if error is not None:
-                if isinstance(error, JobTimeout):
+                outcome, message = "exception", error_text(error)
+                if isinstance(error, SystemExit):
+                    # the job asked its process to end: fail this job, then exit cleanly
+                    message = f"job called exit({error.code})"
+                    self.stop_requested, self.stop_reason = True, "exit"
+                elif isinstance(error, JobTimeout):
                     self.stop_requested = True  # the job's state may be broken: start afresh
                     self.stop_reason = "timeout"
+                elif isinstance(error, TypeError) and str(error).startswith(
+                    f"job {function} returned"
+                ):
+                    outcome = "fail"
+                log.error(
+                    "job %s failed: %s", function, message,
+                    exc_info=(type(error), error, error.__traceback__)
+                    if outcome == "exception" and not isinstance(error, SystemExit)
+                    else None,
+                    extra={"function": function},
+                )  # fmt: skip
+                _guarded(worker.on_exception, job, workload, error)
+            _guarded(worker.end, job, workload, error)
+            self.jobs_done += 1
+            self.finished.append(
+                (outcome, time.perf_counter() - start, function, message[:MAX_ERROR])
+            )
+            if (
+                outcome != "complete"  # errors show in the console at once
+                or len(self.finished) >= FLUSH_JOBS
+                or time.monotonic() - self.last_flush > FLUSH_AFTER
+            ):
+                self.flush()
+            if error is not None:
                 raise JobFailed(message.encode("utf-8", "replace"))
             return data
 
@@ -271,10 +305,6 @@ def _guarded(hook: Callable[..., Any], *args: Any) -> None:
         hook(*args)
     except Exception:
         log.exception("hook %s failed", getattr(hook, "__name__", hook))
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise JobTimeout("job exceeded its timeout")
 
 
 _prctl: Any = None
@@ -393,7 +423,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
             signal.signal(sig, on_stop)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.signal(signal.SIGALRM, child.on_alarm)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.pthread_sigmask(signal.SIG_SETMASK, unblock)  # the supervisor blocked them to fork
 

@@ -136,13 +136,14 @@ class Driver:
         return job
 
     def get_job(self, name: str) -> Job | None:
-        return self.jobs.get(name)
+        return None if name in self.removed_jobs else self.jobs.get(name)
 
     def has_job(self, name: str) -> bool:
-        return name in self.jobs
+        return self.get_job(name) is not None
 
     def get_jobs(self) -> list[Job]:
-        return [self.jobs[k] for k in sorted(self.jobs)]
+        """The jobs, sorted by name (not those a reload removed and that still drain)."""
+        return [self.jobs[k] for k in sorted(self.jobs) if k not in self.removed_jobs]
 
     def shutdown(self) -> None:
         """Graceful stop, as SIGTERM."""
@@ -328,6 +329,11 @@ class Driver:
                 known.spec = spec
                 known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
             self.update_static_gauges(known)
+        if new.servers != old.servers:
+            for name in set(self.gearmand_up) - {f"{h}:{p}" for h, p in new.servers}:
+                del self.gearmand_up[name]
+                with contextlib.suppress(KeyError):
+                    self.metrics.gearmand_up.remove(name)
         if new.servers != old.servers or new.interval != old.interval:
             self.make_wakers()
             self.reschedule_poll(0.0)

@@ -445,3 +445,20 @@ def test_hup_drops_a_job_whose_worker_left_the_configuration(fresh_gearmand):
         wait_for(lambda: registered(fresh_gearmand, "live.quit.Quit.quit1", 1), 15)
     finally:
         assert g.stop() == 0
+
+
+def test_timeout_covers_the_job_not_its_hooks_and_huge_errors_are_reported(fresh_gearmand):
+    g = Gdriver(fresh_gearmand, *NS).start()
+    try:
+        wait_for(lambda: registered(fresh_gearmand, "hooked.near_limit", 1), 15)
+        first = do(fresh_gearmand.address, "hooked.near_limit", timeout=15)
+        assert first.complete and first.state == gearman.JOB_COMPLETE
+        assert do(fresh_gearmand.address, "hooked.near_limit", timeout=15).result == first.result
+        assert not [r for r in g.records() if r.get("event") == "process_exited"]
+        pid = do(fresh_gearmand.address, "hooked.huge_error").result
+        failed = do(fresh_gearmand.address, "hooked.huge_error", b"fail")
+        assert failed.state == gearman.JOB_FAILED
+        wait_for(lambda: "ERROR: ValueError: xxx" in g.console("show hooked.huge_error")[0], 5)
+        assert do(fresh_gearmand.address, "hooked.huge_error").result == pid  # still alive
+    finally:
+        assert g.stop() == 0

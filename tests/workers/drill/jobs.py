@@ -58,3 +58,23 @@ class Fragile(Worker):
     @job(min_processes=1, max_processes=1)
     def echo(self, job, workload):
         return workload
+
+
+class Hooked(Worker):
+    """Hooks that take their time, and errors that are huge."""
+
+    prefix = "hooked."
+
+    def end(self, job, workload, error):
+        time.sleep(0.4)  # longer than what is left of the job's timeout
+
+    @job(min_processes=1, max_processes=1, timeout=1)
+    def near_limit(self, job, workload):
+        time.sleep(0.8)
+        return str(os.getpid())
+
+    @job(min_processes=1, max_processes=1)
+    def huge_error(self, job, workload):
+        if workload == b"fail":
+            raise ValueError("x" * 300_000)
+        return str(os.getpid())
