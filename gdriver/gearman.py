@@ -76,6 +76,8 @@ _pack_header = _HEADER.pack
 # Reads go into one reused buffer: a fresh 256 KiB bytes object per recv() is above glibc's
 # mmap threshold and costs an mmap, mremap and munmap per read (measured: 3 syscalls a job).
 _RECV_SIZE = 256 * 1024
+#: Seconds an awake connection may stay silent before the worker counts as idle anyway.
+STALLED = 1.0
 _recv_buffer = bytearray(_RECV_SIZE)
 _recv_view = memoryview(_recv_buffer)
 
@@ -585,17 +587,25 @@ class GearmanWorker:
                         # a job run while stopping gets its own grace period for its result
                         stop_deadline = now + self.stop_grace
                         stop_jobs = jobs
-                    if now >= stop_deadline or not any(c.grabbing or c.out for c in conns):
+                    # wait for results to go out and for grabs a live server may still answer
+                    # (a stalled one gets its job back when we close: gearmand re-queues it)
+                    if now >= stop_deadline or not any(
+                        c.out or (c.grabbing and now - c.last_rx < STALLED) for c in conns
+                    ):
                         return
                     timeout = min(self._timers(now, True), stop_deadline - now)
                 else:
                     timeout = self._timers(now, False)
-                    if on_idle is not None and not any(
-                        c.state == _UP and not c.sleeping for c in conns
-                    ):
-                        again = on_idle()
-                        if again is not None:
-                            timeout = min(timeout, again)
+                    if on_idle is not None:
+                        # awake connections count as work unless silent for STALLED seconds
+                        # (a gearmand that accepts but never answers must not keep us busy)
+                        awake = [c for c in conns if c.state == _UP and not c.sleeping]
+                        if not any(now - c.last_rx < STALLED for c in awake):
+                            again = on_idle()
+                            if again is not None:
+                                timeout = min(timeout, again)
+                        elif awake:
+                            timeout = min(timeout, STALLED)
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
                 for fd, ev in events:

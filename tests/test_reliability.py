@@ -462,3 +462,23 @@ def test_timeout_covers_the_job_not_its_hooks_and_huge_errors_are_reported(fresh
         assert do(fresh_gearmand.address, "hooked.huge_error").result == pid  # still alive
     finally:
         assert g.stop() == 0
+
+
+def test_a_gearmand_that_never_answers_does_not_keep_workers_busy(fresh_gearmand):
+    mute = socket.create_server((HOST, 0))  # accepts connections (backlog), never answers
+    try:
+        server = f"{fresh_gearmand.address},{HOST}:{mute.getsockname()[1]}"
+        g = Gdriver(server, *NS, "--interval", "1").start()
+        try:
+            wait_for(lambda: registered(fresh_gearmand, "drill.quick", 1), 15)
+            pid = do(fresh_gearmand.address, "drill.quick").result
+            time.sleep(5)  # longer than the job's timeout plus the supervisor's grace
+            exits = [r for r in g.records() if r.get("event") == "process_exited"]
+            assert exits == []  # the idle process was not taken for a hung job
+            busy = next(x for x in g.console("status") if x.startswith("drill.quick "))
+            assert do(fresh_gearmand.address, "drill.quick").result == pid
+            assert busy.split()[3] == "1"
+        finally:
+            g.stop()
+    finally:
+        mute.close()

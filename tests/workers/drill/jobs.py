@@ -43,6 +43,10 @@ class Drill(Worker):
     def echo(self, job, workload):
         return workload
 
+    @job(min_processes=1, max_processes=1, timeout=1)
+    def quick(self, job, workload):
+        return str(os.getpid())
+
 
 class Fragile(Worker):
     """Its processes die at start while the crash flag file exists."""
