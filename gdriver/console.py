@@ -266,11 +266,6 @@ def split_telnet(data: bytes) -> tuple[bytes, bytes]:
     return bytes(out), b""
 
 
-def strip_telnet(data: bytes) -> bytes:
-    """Drop telnet IAC negotiation sequences (an incomplete one at the end too)."""
-    return split_telnet(data)[0]
-
-
 def dispatch(ctx: Context, line: str) -> tuple[list[str], str]:
     """Run one command line. Returns (reply lines without the '.', action) where action is
     '' or 'close' (quit) or 'shutdown'."""

@@ -48,7 +48,6 @@ class Process:
     busy: bool = False
     busy_since: float = 0.0  # monotonic
     idle_since: float | None = None  # monotonic; None until registered
-    function: str = ""
     jobs_done: int = 0
     retiring: bool = False  # told to stop (TERM sent)
     term_sent: float = 0.0
@@ -67,7 +66,6 @@ class Job:
     lastrun: float = 0.0  # epoch seconds of the last completed run
     lasterror: float = 0.0
     lasterror_msg: str = ""
-    desired: int = 0
     failures: int = 0  # consecutive young deaths, for the crash-loop backoff
     next_start: float = 0.0  # monotonic; no fork before this (backoff)
     backoff_timer: Any = None

@@ -22,8 +22,6 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-RESERVED = {"pid", "job_name"}
-
 
 class Formatter(JsonFormatter):
     def __init__(self) -> None:

@@ -34,7 +34,6 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        self.ticks = 0
         self.last_tick = time.monotonic()
 
     def fileno(self) -> int:
@@ -89,7 +88,6 @@ class EventLoop:
                     timer.callback()
                 except Exception:
                     log.exception("timer failed")
-        self.ticks += 1
         self.last_tick = now
 
     def close(self) -> None:

@@ -478,7 +478,6 @@ class Driver:
                 started += 1
         if started:
             self.metrics.scaling.labels(job.name, "up", reason).inc(started)
-            self.update_job_gauges(job)
 
     # -- messages from children ----------------------------------------------------------------
     def on_channel_event(self, proc: Process, mask: int) -> None:
@@ -513,7 +512,6 @@ class Driver:
         if tag == b"B":
             proc.busy = True
             proc.busy_since = now
-            proc.function = data[1:].decode("utf-8", "replace")
             if (
                 not self.stopping
                 and self.settings.interval > 0
@@ -677,7 +675,6 @@ class Driver:
             )  # fmt: skip
         elif not young:
             job.failures = 0
-        self.update_job_gauges(job)
         replace = "replace" if reason not in ("retired", "killed") else "min"
         self.ensure_min(job, replace)
 
@@ -826,7 +823,6 @@ class Driver:
                      extra={"event": "scale", "job_name": job.name, "direction": "down",
                             "count": len(stop.pids), "reason": stop.reason})  # fmt: skip
         for name, target in decision.desired.items():
-            self.jobs[name].desired = target
             self.metrics.processes_desired.labels(name).set(target)
 
     # -- commands (console) --------------------------------------------------------------------
@@ -865,7 +861,6 @@ class Driver:
         for job in self.jobs.values():
             self.enforce_timeouts(job, now)
             self.roll(job)
-            self.update_job_gauges(job)
         self.update_wakers()
         for w in self.wakers:
             w.tick(now)
@@ -910,6 +905,7 @@ class Driver:
         self.metrics.processes_max.labels(job.name).set(job.max_processes)
 
     def update_job_gauges(self, job: Job) -> None:
+        """Process gauges, refreshed when /metrics is scraped (the only reader)."""
         self.metrics.processes.labels(job.name).set(len(job.processes))
         self.metrics.processes_busy.labels(job.name).set(job.busy)
 
