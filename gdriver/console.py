@@ -34,7 +34,7 @@ from gdriver import __version__
 from gdriver.loop import TcpServer
 
 if TYPE_CHECKING:
-    from gdriver.jobs import Job
+    from gdriver.jobs import JobState
     from gdriver.supervisor import Driver
 
 log = logging.getLogger("gdriver.console")
@@ -102,13 +102,13 @@ def iso(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def job_fields(job: Job) -> tuple[str, int, int, int, str, str, str]:
+def job_fields(job: JobState) -> tuple[str, int, int, int, str, str, str]:
     msg = job.lasterror_msg.splitlines()[0] if job.lasterror_msg else ""
     return (job.name, job.min_processes, job.max_processes, job.count, iso(job.lastrun),
             iso(job.lasterror), f"ERROR: {msg}" if msg else "")  # fmt: skip
 
 
-def status_lines(jobs: Iterable[Job]) -> list[str]:
+def status_lines(jobs: Iterable[JobState]) -> list[str]:
     """Perl's status table: name left-aligned to the longest, numbers right-aligned."""
     rows = [job_fields(j) for j in jobs]
     w0 = max((len(r[0]) for r in rows), default=0)
@@ -128,7 +128,7 @@ class Context:
         self.driver = driver
         self.server = server
 
-    def get_job(self, name: str | None) -> Job:
+    def get_job(self, name: str | None) -> JobState:
         job = self.driver.get_job(name) if name else None
         if job is None:
             raise ConsoleError("invalid_job_name", name or "")

@@ -56,7 +56,7 @@ class Process:
 
 
 @dataclasses.dataclass
-class Job:
+class JobState:
     """A job's live state in the supervisor."""
 
     spec: JobSpec

@@ -24,7 +24,7 @@ from typing import Any
 
 from gdriver import config, loader, logs, observer, process
 from gdriver.gearman import AdminRequest, FunctionStatus, parse_status
-from gdriver.jobs import Job, JobSpec, MethodSpec, Process
+from gdriver.jobs import JobState, JobSpec, MethodSpec, Process
 from gdriver.loop import EventLoop
 from gdriver.metrics import Metrics
 from gdriver.systemd import Notifier
@@ -58,7 +58,7 @@ class Driver:
         self.settings = settings if settings is not None else config.load(base=options, environ={})
         self.wanted = wanted
         self.reload_settings = reload_settings
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, JobState] = {}
         self.manual_specs: list[JobSpec] = []
         self.loaded = False
         self.loop = EventLoop()
@@ -96,7 +96,7 @@ class Driver:
         min_processes: int | None = None,
         max_processes: int | None = None,
         **limits: Any,
-    ) -> Job:
+    ) -> JobState:
         """Register a job by hand. ``methods``: dicts with ``name``, ``body`` (called as
         ``body(worker, job, workload)``; a bound method as ``body(job, workload)``), and
         optional ``encode``/``decode``. Names get the worker's prefix."""
@@ -130,18 +130,18 @@ class Driver:
         )  # fmt: skip
         loader.check_unique([*(j.spec for j in self.jobs.values()), spec])
         self.manual_specs.append(spec)
-        job = Job(spec, low, high)
+        job = JobState(spec, low, high)
         self.jobs[spec.name] = job
         log.debug("added job %s (min %d, max %d)", spec.name, low, high)
         return job
 
-    def get_job(self, name: str) -> Job | None:
+    def get_job(self, name: str) -> JobState | None:
         return None if name in self.removed_jobs else self.jobs.get(name)
 
     def has_job(self, name: str) -> bool:
         return self.get_job(name) is not None
 
-    def get_jobs(self) -> list[Job]:
+    def get_jobs(self) -> list[JobState]:
         """The jobs, sorted by name (not those a reload removed and that still drain)."""
         return [self.jobs[k] for k in sorted(self.jobs) if k not in self.removed_jobs]
 
@@ -159,7 +159,7 @@ class Driver:
         )
         loader.check_unique([*self.manual_specs, *specs])
         for spec in specs:
-            self.jobs[spec.name] = Job(spec, spec.min_processes, spec.max_processes)
+            self.jobs[spec.name] = JobState(spec, spec.min_processes, spec.max_processes)
             log.debug("added job %s (min %d, max %d)", spec.name, spec.min_processes,
                       spec.max_processes)  # fmt: skip
         self.loaded = True
@@ -324,7 +324,7 @@ class Driver:
             self.removed_jobs.discard(spec.name)
             known = self.jobs.get(spec.name)
             if known is None:
-                known = self.jobs[spec.name] = Job(spec, spec.min_processes, spec.max_processes)
+                known = self.jobs[spec.name] = JobState(spec, spec.min_processes, spec.max_processes)
             else:
                 known.spec = spec
                 known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
@@ -343,7 +343,7 @@ class Driver:
             self.ensure_min(job, "min")
         self.start_poll()
 
-    def forget_removed(self, job: Job) -> None:
+    def forget_removed(self, job: JobState) -> None:
         """A job dropped by a reload leaves the tables once its last process is gone."""
         if job.name in self.removed_jobs and not job.processes:
             self.removed_jobs.discard(job.name)
@@ -363,7 +363,7 @@ class Driver:
                 fds.append(r.fileno())
         return fds
 
-    def spawn(self, job: Job, reason: str) -> Process | None:
+    def spawn(self, job: JobState, reason: str) -> Process | None:
         s = self.settings
         spec = job.spec
         max_jobs = spec.max_jobs_per_process
@@ -455,7 +455,7 @@ class Driver:
         except ProcessLookupError:
             pass
 
-    def ensure_min(self, job: Job, reason: str) -> None:
+    def ensure_min(self, job: JobState, reason: str) -> None:
         """Start processes up to min now, unless the crash-loop backoff says wait."""
         if self.stopping:
             return
@@ -466,7 +466,7 @@ class Driver:
         if now < job.next_start:
             if job.backoff_timer is None:
 
-                def retry(j: Job = job) -> None:
+                def retry(j: JobState = job) -> None:
                     j.backoff_timer = None
                     self.ensure_min(j, "replace")
 
@@ -540,7 +540,7 @@ class Driver:
         elif tag == b"X":
             proc.kill_reason = proc.kill_reason or data[1:].decode("ascii", "replace")
 
-    def on_jobs_done(self, job: Job, proc: Process, batch: list[list[Any]]) -> None:
+    def on_jobs_done(self, job: JobState, proc: Process, batch: list[list[Any]]) -> None:
         now = time.time()
         cache = self.job_metrics
         for outcome, seconds, function, message in batch:
@@ -826,7 +826,7 @@ class Driver:
             self.metrics.processes_desired.labels(name).set(target)
 
     # -- commands (console) --------------------------------------------------------------------
-    def set_limits(self, job: Job, low: int, high: int) -> None:
+    def set_limits(self, job: JobState, low: int, high: int) -> None:
         """New min/max, applied at once: start up to min, retire idle surplus above max."""
         job.min_processes, job.max_processes = low, high
         self.update_static_gauges(job)
@@ -874,7 +874,7 @@ class Driver:
             for w in self.wakers:
                 w.set_functions(functions)
 
-    def enforce_timeouts(self, job: Job, now: float) -> None:
+    def enforce_timeouts(self, job: JobState, now: float) -> None:
         limit = job.spec.timeout
         for proc in list(job.processes.values()):
             if (
@@ -889,7 +889,7 @@ class Driver:
                 proc.kill_reason = "timeout"
                 self.stop_process(proc, "timeout")
 
-    def roll(self, job: Job) -> None:
+    def roll(self, job: JobState) -> None:
         """After a reload, replace processes of older generations one at a time."""
         old = [p for p in job.live() if p.generation != self.generation]
         if not old:
@@ -900,11 +900,11 @@ class Driver:
         self.stop_process(old[0], "reload")
         self.ensure_min(job, "replace")
 
-    def update_static_gauges(self, job: Job) -> None:
+    def update_static_gauges(self, job: JobState) -> None:
         self.metrics.processes_min.labels(job.name).set(job.min_processes)
         self.metrics.processes_max.labels(job.name).set(job.max_processes)
 
-    def update_job_gauges(self, job: Job) -> None:
+    def update_job_gauges(self, job: JobState) -> None:
         """Process gauges, refreshed when /metrics is scraped (the only reader)."""
         self.metrics.processes.labels(job.name).set(len(job.processes))
         self.metrics.processes_busy.labels(job.name).set(job.busy)
