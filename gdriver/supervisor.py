@@ -24,7 +24,7 @@ from typing import Any
 
 from gdriver import config, loader, logs, observer, process
 from gdriver.gearman import AdminRequest, FunctionStatus, parse_status
-from gdriver.jobs import JobState, JobSpec, MethodSpec, Process
+from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
 from gdriver.loop import EventLoop
 from gdriver.metrics import Metrics
 from gdriver.systemd import Notifier
@@ -324,7 +324,8 @@ class Driver:
             self.removed_jobs.discard(spec.name)
             known = self.jobs.get(spec.name)
             if known is None:
-                known = self.jobs[spec.name] = JobState(spec, spec.min_processes, spec.max_processes)
+                known = JobState(spec, spec.min_processes, spec.max_processes)
+                self.jobs[spec.name] = known
             else:
                 known.spec = spec
                 known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
