@@ -3,6 +3,10 @@
 
     manifests.py crds FILE           check the custom resources in FILE
     manifests.py rules FILE OUTDIR   write each PrometheusRule's spec to OUTDIR/<name>.yml
+    manifests.py plain-rules [--check]
+                                     render the chart's alerts for a plain Prometheus
+                                     (no Operator) into deploy/prometheus/gdriver-rules.yml;
+                                     --check fails when that file differs from the chart
 
 kubernetes-validate knows only the built-in kinds and merely warns about the
 others. `crds` checks the custom resources this chart renders (ServiceMonitor,
@@ -15,6 +19,7 @@ through as "no schema, skipped".
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -335,11 +340,76 @@ def extract_rules(path: str, outdir: str) -> int:
     return 0
 
 
+ROOT = Path(__file__).resolve().parent.parent
+PLAIN_RULES = ROOT / "deploy" / "prometheus" / "gdriver-rules.yml"
+# a plain scrape config names its job "gdriver" and tells processes apart by
+# `instance`; there is no namespace label (the rules group by it harmlessly)
+PLAIN_VALUES = [
+    "--set", "prometheusRule.enabled=true",
+    "--set-string", 'metricsSelector=job="gdriver"',
+    "--set", "metricsInstanceLabel=instance",
+]  # fmt: skip
+PLAIN_HEADER = """\
+# gdriver alerting rules for Prometheus without the Prometheus Operator.
+# Generated from helm/gdriver (templates/prometheusrule.yaml, default thresholds)
+# by `deploy/manifests.py plain-rules`; do not edit: change the chart and
+# regenerate (CI fails when this file and the chart differ).
+#
+# Assumes a scrape job named "gdriver" (job="gdriver") with one target per gdriver
+# process (told apart by `instance`). Load it with rule_files: in prometheus.yml;
+# see deploy/README.md.
+"""
+
+
+def plain_rules(helm: str | None = None) -> str:
+    """The chart's alert rules as a plain Prometheus rule file."""
+    helm = helm or str(ROOT / ".tools" / "bin" / "helm")
+    proc = subprocess.run(
+        [helm, "template", "gdriver", str(ROOT / "helm" / "gdriver"),
+         "--api-versions", "monitoring.coreos.com/v1", *PLAIN_VALUES,
+         "--show-only", "templates/prometheusrule.yaml"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    (rule,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return PLAIN_HEADER + yaml.dump(
+        rule["spec"], Dumper=_BlockDumper, sort_keys=False, width=1000, indent=2
+    )
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the PromQL) as literal blocks, as in the chart."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def write_plain_rules(check: bool) -> int:
+    text = plain_rules()
+    if check:
+        if not PLAIN_RULES.exists() or PLAIN_RULES.read_text() != text:
+            print(f"ERROR {PLAIN_RULES} differs from the chart: run deploy/manifests.py "
+                  "plain-rules", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{PLAIN_RULES} matches the chart")
+        return 0
+    PLAIN_RULES.parent.mkdir(parents=True, exist_ok=True)
+    PLAIN_RULES.write_text(text)
+    print(PLAIN_RULES)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "crds":
         return check_crds(argv[1])
     if len(argv) == 3 and argv[0] == "rules":
         return extract_rules(argv[1], argv[2])
+    if argv[:1] == ["plain-rules"] and argv[1:] in ([], ["--check"]):
+        return write_plain_rules(check=argv[1:] == ["--check"])
     print(__doc__, file=sys.stderr)
     return 2
 

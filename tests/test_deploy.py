@@ -362,7 +362,7 @@ def test_aggregation_walker_catches_sum() -> None:
 
 def test_queries_are_scoped_to_the_release() -> None:
     for name, expr in promql(render(all_values())):
-        if name == "GdriverAbsent":  # the user's own extra rule
+        if name == "GdriverThumbnailSlow":  # the user's own extra rule
             continue
         for m in re.finditer(r"\bgdriver_\w+\{([^}]*)\}", expr):
             assert f'namespace="{NAMESPACE}"' in m.group(1), name
@@ -372,7 +372,10 @@ def test_queries_are_scoped_to_the_release() -> None:
 def test_keda_filters_functions_and_quotes_metadata() -> None:
     so = render(all_values())["ScaledObject"]["spec"]
     queue = next(t for t in so["triggers"] if t["name"] == "queue")
-    assert r'function=~"thumbnail|resize\\.v2"' in queue["metadata"]["query"]
+    assert (
+        r'function=~"myapp\\.workers\\.images\\.Images\\.thumbnail|resize\\.v2"'
+        in (queue["metadata"]["query"])
+    )
     for trigger in so["triggers"]:
         assert all(isinstance(v, str) for v in trigger["metadata"].values())
     assert so["minReplicaCount"] >= 1
@@ -441,9 +444,49 @@ def test_chart_config_keys_follow_gdriver_settings() -> None:
     assert chart_keys == set(KEYS) - CHART_EXCLUDED_KEYS
 
 
+# the worker code the deploy examples configure, laid out as in the README
+# (myapp/workers/images.py and so on): their job and class keys must name it
+EXAMPLE_WORKERS = {
+    "images.py": """
+from gdriver import Worker, job
+
+
+class Images(Worker):
+    @job
+    def thumbnail(self, job, workload):
+        return workload
+
+    @job(min_processes=0, max_processes=15, process_group="img")
+    def resize(self, job, workload):
+        return workload
+""",
+    "mail.py": """
+from gdriver import Worker, job
+
+
+class Mail(Worker):
+    @job
+    def send(self, job, workload):
+        return b""
+""",
+}
+
+
+def example_workers(tmp_path: Path) -> Path:
+    lib = tmp_path / "lib"
+    package = lib / "myapp" / "workers"
+    package.mkdir(parents=True)
+    (lib / "myapp" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    for name, code in EXAMPLE_WORKERS.items():
+        (package / name).write_text(code)
+    return lib
+
+
 def check_config(config: dict, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`gdriver check-config` on config, without the worker code (not installed here)."""
-    config = {**config, "namespaces": [], "lib": []}
+    """`gdriver check-config` on config, with the README's example worker code."""
+    lib = example_workers(tmp_path)
+    config = {**config, "namespaces": ["myapp.workers"], "lib": [str(lib)]}
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GDRIVER_")}
@@ -527,6 +570,10 @@ def test_systemd_unit_directives() -> None:
     assert one("KillMode") == "mixed"
     assert one("Restart") == "on-failure"
     assert "78" in one("RestartPreventExitStatus").split()
+    # soft = hard: ~@resources blocks setrlimit, so gdriver cannot raise it itself
+    nofile = one("LimitNOFILE")
+    assert ":" not in nofile and int(nofile) >= 16384
+    assert "@resources" in " ".join(svc["SystemCallFilter"])
     assert one("EnvironmentFile") == "-/etc/default/gdriver"
     assert one("ConfigurationDirectory") == "gdriver"
     exec_start = one("ExecStart").split()
@@ -556,8 +603,265 @@ def test_dockerfile_basics() -> None:
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"python:3\.11-slim", text)
     assert re.search(r"^USER 10001", text, re.M)
-    assert re.search(r"^EXPOSE 9464 47300$", text, re.M)
+    # the console listens on loopback only: nothing to expose
+    assert re.findall(r"^EXPOSE .*$", text, re.M) == ["EXPOSE 9464"]
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
     assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--", "gdriver"\]$', text, re.M)
     pod = render()["Deployment"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_dockerfile_is_reproducible_and_labelled() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n\s*", " ", text)
+    installs = [line for line in joined.splitlines() if re.search(r"\bpip install\b", line)]
+    installs = [line for line in installs if not line.lstrip().startswith("#")]
+    assert installs, "no pip install in the Dockerfile"
+    for line in installs:
+        # every install is either the hashed lock or gdriver itself without dependencies
+        assert ("--require-hashes" in line and "requirements.lock" in line) or (
+            "--no-deps" in line and "--no-build-isolation" in line
+        ), line
+    assert re.search(r"^COPY deploy/requirements\.lock ", text, re.M)
+    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!deploy/requirements.lock" in ignore
+    for key, arg in (("source", "SOURCE"), ("version", "VERSION"), ("revision", "REVISION")):
+        assert re.search(rf"^ARG {arg}\b", text, re.M), arg
+        assert f'org.opencontainers.image.{key}="${{{arg}}}"' in text, key
+    # ps for kubectl exec debugging
+    assert re.search(r"apt-get install [^\n]*\bprocps\b", joined)
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """deploy/requirements.lock: normalised name -> (version, hashes)."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "deploy" / "requirements.lock").read_text())
+    pins = {}
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)\s*$", line)
+        if m:
+            name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+            pins[name] = (m.group(2), re.findall(r"sha256:([0-9a-f]{64})", m.group(3)))
+        else:
+            assert not line.strip() or line.lstrip().startswith("#"), f"not a pin: {line!r}"
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = lock_pins()
+    wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
+    for spec in wanted:
+        req = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is not pinned in deploy/requirements.lock: regenerate it"
+        version, hashes = pins[name]
+        assert req.specifier.contains(version, prereleases=True), f"{name}=={version} vs {spec}"
+    for name, (_, hashes) in pins.items():
+        assert hashes, f"{name} has no --hash"
+
+
+# --- alerts, runbook, plain rule file -----------------------------------------------
+
+
+SHIPPED_ALERTS = {
+    "GdriverDown",
+    "GdriverJobSaturated",
+    "GdriverUnknownFunctionJobs",
+    "GdriverGearmandDown",
+    "GdriverWorkersCrashLooping",
+    "GdriverBacklogGrowing",
+}
+
+
+def shipped_rules(values: dict | None = None) -> list[dict]:
+    m = render({"prometheusRule": {"enabled": True}, **(values or {})})
+    return [r for g in m["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    runbook = (ROOT / "deploy" / "RUNBOOK.md").read_text()
+    headings = set(re.findall(r"^## (\w+)$", runbook, re.M))
+    base = "https://git.example.com/gdriver/deploy/RUNBOOK.md"
+    rules = shipped_rules({"prometheusRule": {"enabled": True, "runbookBaseUrl": base}})
+    assert {r["alert"] for r in rules} == SHIPPED_ALERTS
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["annotations"]["runbook_url"] == f"{base}#{name.lower()}", name
+        assert name in headings, f"deploy/RUNBOOK.md has no section '## {name}'"
+        section = runbook.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert "look at" in section.lower() and "do" in section.lower(), name
+
+
+def test_gdriver_down_covers_down_and_unscraped_targets() -> None:
+    (down,) = [r for r in shipped_rules() if r["alert"] == "GdriverDown"]
+    assert re.search(r"\(up\{[^}]*\}\) == 0", down["expr"])
+    assert re.search(r"absent\(up\{", down["expr"])
+
+
+@pytest.mark.parametrize("values", rule_values(), ids=["all-features", "hpa"])
+def test_queue_queries_only_trust_pods_that_reach_gearmand(values: dict) -> None:
+    for name, expr in promql(render(values)):
+        if name == "GdriverThumbnailSlow" or not QUEUE_GAUGES.search(expr):
+            continue
+        guards = expr.count("gdriver_gearmand_up{")
+        assert guards and "== 1" in expr, f"{name}: queue gauges not guarded by gearmand_up"
+        # each queue gauge is joined with the guard before it is aggregated
+        for m in QUEUE_GAUGES.finditer(expr):
+            rest = expr[m.end() :]
+            assert re.match(r"(?:\{[^}]*\}(?:\[\w+\])?\)?)\s*and on \(namespace, pod\)", rest), (
+                f"{name}: {expr[m.start() : m.end() + 80]}"
+            )
+
+
+def test_saturation_joins_jobs_to_their_functions() -> None:
+    (rule,) = [r for r in shipped_rules() if r["alert"] == "GdriverJobSaturated"]
+    assert "gdriver_function_info{" in rule["expr"]
+    assert "on (namespace, pod, job_name)" in rule["expr"]
+    assert "and on (namespace)\n" not in rule["expr"]
+
+
+def test_prometheus_rule_without_the_api_says_why() -> None:
+    proc = _helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        *_value_args(yaml.safe_dump({"prometheusRule": {"enabled": True}})),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "kind: PrometheusRule" not in proc.stdout
+    assert "no PrometheusRule was rendered" in proc.stdout
+    assert "monitoring.coreos.com/v1" in proc.stdout
+    assert "deploy/prometheus/gdriver-rules.yml" in proc.stdout
+    # and nothing of the kind with the API, or with the rule disabled
+    assert "no PrometheusRule was rendered" not in _helm("template", RELEASE, str(CHART)).stdout
+
+
+def test_plain_rule_file_matches_the_chart_and_loads() -> None:
+    sys.path.insert(0, str(ROOT / "deploy"))
+    try:
+        import manifests
+    finally:
+        sys.path.remove(str(ROOT / "deploy"))
+    path = ROOT / "deploy" / "prometheus" / "gdriver-rules.yml"
+    assert path.read_text() == manifests.plain_rules(str(HELM)), (
+        "deploy/prometheus/gdriver-rules.yml differs from the chart: "
+        "run deploy/manifests.py plain-rules"
+    )
+    rules = [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} == SHIPPED_ALERTS
+    for rule in rules:
+        assert 'job="gdriver"' in rule["expr"]
+        assert "pod" not in re.findall(r"\bon \(([^)]*)\)", rule["expr"])
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool missing: run deploy/tools.sh")
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- autoscaling: replica scaling stays behind in-pod scaling ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["keda", "hpa"])
+def test_autoscaler_defaults_leave_bursts_to_in_pod_scaling(kind: str) -> None:
+    defaults = chart_defaults()
+    if kind == "keda":
+        m = render({"keda": {"enabled": True}})
+        spec = m["ScaledObject"]["spec"]
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        queue = next(t for t in spec["triggers"] if t["name"] == "queue")
+        # an empty answer (no gearmand reachable) holds the replicas instead of scaling in
+        assert queue["metadata"]["ignoreNullValues"] == "false"
+        assert "or on () (0 * group(" in queue["metadata"]["query"]
+    else:
+        m = render({"hpa": {"enabled": True}})
+        behavior = m["HorizontalPodAutoscaler"]["spec"]["behavior"]
+    interval = defaults["config"]["interval"]
+    # adding pods waits for several observer polls; removing them waits far longer
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] >= 10 * interval
+    assert (
+        behavior["scaleDown"]["stabilizationWindowSeconds"]
+        > behavior["scaleUp"]["stabilizationWindowSeconds"]
+    )
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+
+
+def test_keda_trigger_metadata_may_override_null_handling() -> None:
+    so = render({"keda": {"enabled": True, "triggerMetadata": {"ignoreNullValues": "true"}}})
+    queue = next(t for t in so["ScaledObject"]["spec"]["triggers"] if t["name"] == "queue")
+    assert queue["metadata"]["ignoreNullValues"] == "true"
+
+
+# --- function names: one spelling everywhere ------------------------------------------------
+
+
+EXAMPLE_NAMES = {
+    "myapp.workers",
+    "myapp.workers.images.Images",
+    "myapp.workers.images.Images.thumbnail",
+    "myapp.workers.images.Images.resize",
+    "myapp.workers.images.Images.img",
+    "myapp.workers.mail.Mail",
+    "myapp.workers.mail.Mail.send",
+}
+
+
+def test_example_names_follow_the_readme_layout() -> None:
+    files = [
+        ROOT / "README.md",
+        ROOT / "deploy" / "README.md",
+        ROOT / "deploy" / "config.example.yml",
+        ROOT / "deploy" / "systemd" / "gdriver.env",
+        CHART / "values.yaml",
+        *sorted((CHART / "ci").glob("*.yaml")),
+    ]
+    for path in files:
+        for name in re.findall(r"\bmyapp\.workers(?:\.\w+)*", path.read_text()):
+            assert name in EXAMPLE_NAMES, f"{path.relative_to(ROOT)}: {name}"
+    # the README's layout: myapp/workers/images.py holds class Images
+    assert "# myapp/workers/images.py" in (ROOT / "README.md").read_text()
+    assert "class Images(Worker)" in EXAMPLE_WORKERS["images.py"]
+
+
+# --- systemd: /proc as the unit mounts it ----------------------------------------------------
+
+
+def unit_proc_options() -> str:
+    svc = unit_directives()["Service"]
+    opts = []
+    if "ProtectProc" in svc and svc["ProtectProc"][-1] != "default":
+        opts.append(f"hidepid={svc['ProtectProc'][-1]}")
+    if svc.get("ProcSubset", ["all"])[-1] == "pid":
+        opts.append("subset=pid")
+    return ",".join(opts) or "defaults"
+
+
+def process_series_under_proc(options: str) -> int:
+    """process_* lines gdriver's registry exports with /proc mounted with options."""
+    code = (
+        "from prometheus_client import generate_latest\n"
+        "from gdriver.metrics import Metrics\n"
+        "text = generate_latest(Metrics().registry).decode()\n"
+        "print(sum(line.startswith('process_') for line in text.splitlines()))\n"
+    )
+    script = f'mount -t proc -o {options} proc /proc && exec "$0" -c "$1"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, code],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a proc instance needs root")
+def test_unit_proc_mount_keeps_process_metrics() -> None:
+    # ProcSubset=pid hides /proc/stat, and prometheus-client then drops process_*
+    assert process_series_under_proc("hidepid=invisible,subset=pid") == 0
+    assert process_series_under_proc(unit_proc_options()) >= 5
