@@ -7,7 +7,7 @@ GEARMAND_PORT ?= 4730
 RUN_ARGS ?=
 LINT_PATHS := $(wildcard gdriver tests bench examples)
 
-.PHONY: install system-deps tools run test lint format bench deploy-check clean
+.PHONY: install system-deps tools run stop test lint format bench deploy-check clean
 
 install: $(VENV)/.installed
 
@@ -17,26 +17,50 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $@
 
-# gearmand and its C client/worker (Debian: gearman-job-server, gearman-tools)
+# gearmand and its C client/worker (Debian: gearman-job-server, gearman-tools); the other
+# servers and clients of the compatibility matrix (Perl Gearman::Server and Gearman::Client,
+# PHP's gearman extension) and telnet for the console tests
+SYSTEM_PACKAGES := gearman-job-server gearman-tools gearman-server libgearman-client-perl \
+	php-cli php-gearman telnet
 system-deps:
-	@if ! command -v gearmand >/dev/null 2>&1 && [ ! -x /usr/sbin/gearmand ] || ! command -v gearman >/dev/null 2>&1; then \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q gearman-job-server gearman-tools; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
 
 # helm, promtool and systemd-analyze for the deploy checks
 tools: install
 	deploy/tools.sh
 
-# gdriver with the example workers; starts a local gearmand if nothing listens on 127.0.0.1:4730
+# gdriver with the example workers, in the foreground. GEARMAND_PORT (default 4730): the
+# gearmand to use; one is started on 127.0.0.1:$(GEARMAND_PORT) if none listens there.
+# RUN_ARGS: more gdriver flags, e.g. RUN_ARGS="--console_port 47301 --metrics_port 9465" on a
+# shared host. The pidfiles live in .run/ of this checkout; `make stop` stops what it started.
+RUN_DIR := $(CURDIR)/.run
 run: install system-deps
+	@mkdir -p $(RUN_DIR)
 	@if ! $(PY) -c "import socket; socket.create_connection(('127.0.0.1', $(GEARMAND_PORT)), 1)" 2>/dev/null; then \
 		echo "starting gearmand on 127.0.0.1:$(GEARMAND_PORT)"; \
-		PATH="$$PATH:/usr/sbin" gearmand --listen=127.0.0.1 --port=$(GEARMAND_PORT) --daemon \
-			--pid-file=/tmp/gdriver-gearmand.pid --log-file=/tmp/gdriver-gearmand.log; \
+		/usr/sbin/gearmand --listen=127.0.0.1 --port=$(GEARMAND_PORT) --daemon \
+			--pid-file=$(RUN_DIR)/gearmand.pid --log-file=$(RUN_DIR)/gearmand.log; \
 		sleep 0.5; \
 	fi
-	$(PY) -m gdriver run --configfile examples/gdriver.yml $(RUN_ARGS)
+	$(PY) -m gdriver run --configfile examples/gdriver.yml --server 127.0.0.1:$(GEARMAND_PORT) \
+		--pidfile $(RUN_DIR)/gdriver.pid $(RUN_ARGS)
+
+# stop the gdriver and the gearmand `make run` started from this checkout (by their pidfiles)
+stop:
+	@for name in gdriver gearmand; do \
+		f=$(RUN_DIR)/$$name.pid; pid=$$(cat $$f 2>/dev/null); \
+		if [ -n "$$pid" ] && kill -0 $$pid 2>/dev/null; then \
+			echo "stopping $$name (PID $$pid)"; kill -TERM $$pid; \
+			for i in $$(seq 100); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+		fi; \
+		rm -f $$f; \
+	done
 
 test: install system-deps tools
 	$(PY) -m pytest -q

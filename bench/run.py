@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h
 from sections import (
     drain,
+    fleet,
     idle,
     memory,
     observer_cost,
@@ -48,6 +49,7 @@ SECTIONS = {
     "idle": idle.run,
     "observer": observer_cost.run,
     "drain": drain.run,
+    "fleet": fleet.run,
 }
 
 

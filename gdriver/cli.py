@@ -13,33 +13,27 @@ from gdriver import __version__, config
 
 SUBCOMMANDS = ("run", "check-config", "console")
 
-HELP = {
-    "server": "gearmand servers, host[:port][,host[:port]] (default localhost:4730)",
-    "console_port": "management console port, 0 disables (default 47300)",
-    "console_bind": "management console address (default 127.0.0.1)",
-    "interval": "observer poll interval in seconds, 0 disables scaling (default 5)",
-    "max_idle_time": "seconds a surplus process may stay idle before it is stopped (default 0)",
-    "loglevel": "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)",
-    "namespaces": "package or module holding worker classes (repeat the flag for more)",
-    "lib": "directory added to sys.path (repeatable)",
-    "worker_options": "JSON map: worker class (or GLOBAL) -> constructor keyword arguments",
-    "job_runtime_attributes": "JSON map: module.Class.job -> {min_processes, max_processes, ...}",
-    "graceful_timeout": "seconds in-flight jobs get to finish on stop (default 30)",
-    "metrics_port": "HTTP port for /metrics, /healthz, /readyz; 0 disables (default 9464)",
-    "metrics_bind": "HTTP address (default 0.0.0.0)",
-    "configfile": "YAML config file (repeatable; later files win)",
-    "max_jobs_per_process": "recycle a process after this many jobs, 0 = never (default 0)",
-    "max_process_lifetime": "recycle a process after this many seconds, 0 = never (default 0)",
-    "daemonize": "detach from the terminal (classic init systems)",
-    "pidfile": "write the supervisor's PID here (with --daemonize)",
-    "logfile": "with --daemonize: append output to this file (default /dev/null)",
-}
-
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --serv, --int, --pid must not pass for more
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         print(f"gdriver: {message} (see gdriver --help)", file=sys.stderr)
         sys.exit(config.EX_CONFIG)
+
+
+def flag_help(key: str) -> str:
+    meta = config.FIELDS[key].metadata
+    text = meta["help"].replace("`", "")
+    if meta["span"]:
+        text += f"; {meta['span']}"
+    if meta["kind"] == "list":
+        text += "; repeat the flag for more; replaces the value of files and environment"
+    elif meta["kind"] == "map":
+        text += "; JSON, merged key by key over files and environment"
+    return f"{text} (default {config.shown_default(key)})".replace("%", "%%")
 
 
 def settings_parser(prog: str) -> ArgumentParser:
@@ -48,13 +42,14 @@ def settings_parser(prog: str) -> ArgumentParser:
         flags = [f"--{key}"]
         if "_" in key:
             flags.append(f"--{key.replace('_', '-')}")
-        if key == "daemonize":
+        if key in config.FLAG_KEYS:
             parser.add_argument(*flags, dest=key, action=argparse.BooleanOptionalAction,
-                                help=HELP[key])  # fmt: skip
+                                help=flag_help(key))  # fmt: skip
         elif key in config.LIST_KEYS:
-            parser.add_argument(*flags, dest=key, action="append", metavar="VALUE", help=HELP[key])
+            parser.add_argument(*flags, dest=key, action="append", metavar="VALUE",
+                                help=flag_help(key))  # fmt: skip
         else:
-            parser.add_argument(*flags, dest=key, metavar="VALUE", help=HELP[key])
+            parser.add_argument(*flags, dest=key, metavar="VALUE", help=flag_help(key))
     parser.add_argument("--version", action="version", version=f"gdriver {__version__}")
     return parser
 
@@ -74,20 +69,35 @@ def fail(exc: Exception) -> NoReturn:
     sys.exit(config.EX_CONFIG)
 
 
-def load_settings(cli: dict[str, Any]) -> config.Settings:
+def load_settings(cli: dict[str, Any]) -> tuple[config.Settings, dict[str, str]]:
     try:
-        return config.load(cli)
+        return config.load_with_sources(cli)
     except config.ConfigError as exc:
         fail(exc)
 
 
+def check_jobs(settings: config.Settings, sources: dict[str, str], specs: list[Any]) -> None:
+    """Zero jobs, or more processes than max_total_processes allows: exit 78."""
+    if not specs:
+        where = sources.get("namespaces", "default")
+        names = ", ".join(settings.namespaces) or "(none)"
+        fail(config.ConfigError("namespaces", where, f"no jobs loaded from {names}"))
+    problem = config.check_jobs_total(
+        settings.max_total_processes, {s.name: (s.min_processes, s.max_processes) for s in specs}
+    )
+    if problem:
+        where = sources.get("max_total_processes", "default")
+        fail(config.ConfigError("max_total_processes", where, problem))
+
+
 def cmd_run(argv: Sequence[str]) -> int:
-    from gdriver import logs
+    from gdriver import daemon, logs
     from gdriver.loader import LoadError
+    from gdriver.resources import StartError
     from gdriver.supervisor import Driver
 
     cli = parse_settings_args("gdriver run", argv)
-    settings = load_settings(cli)
+    settings, sources = load_settings(cli)
     logs.setup(settings.loglevel)
     driver = Driver(settings, reload_settings=lambda: config.load(cli))
     try:
@@ -97,17 +107,22 @@ def cmd_run(argv: Sequence[str]) -> int:
 
         logging.getLogger("gdriver").critical("cannot load workers: %s", exc)
         fail(exc)
-    if settings.daemonize:
-        from gdriver.daemon import daemonize
-
-        daemonize(settings.pidfile, settings.logfile)
-    return driver.run()
+    check_jobs(settings, sources, [j.spec for j in driver.get_jobs()])
+    try:
+        daemon.start(settings.daemonize, settings.pidfile, settings.logfile)
+    except config.ConfigError as exc:
+        fail(exc)
+    try:
+        return driver.run()
+    except StartError as exc:  # a port in use, a bind address that does not resolve
+        print(f"gdriver: cannot start: {exc}", file=sys.stderr)
+        sys.exit(config.EX_CONFIG)
 
 
 def cmd_check_config(argv: Sequence[str]) -> int:
     from gdriver import loader
 
-    settings = load_settings(parse_settings_args("gdriver check-config", argv))
+    settings, sources = load_settings(parse_settings_args("gdriver check-config", argv))
     try:
         specs = loader.load(
             settings.namespaces, settings.lib, settings.worker_options,
@@ -115,6 +130,7 @@ def cmd_check_config(argv: Sequence[str]) -> int:
         )  # fmt: skip
     except loader.LoadError as exc:
         fail(exc)
+    check_jobs(settings, sources, specs)
     out = settings.as_dict()
     out["jobs"] = [
         {
@@ -125,6 +141,9 @@ def cmd_check_config(argv: Sequence[str]) -> int:
         }
         for s in specs
     ]
+    # where each effective value came from: a source per key (maps: per dotted leaf)
+    given = {path.split(".")[0] for path in sources}
+    out["sources"] = {**{k: "default" for k in config.KEYS if k not in given}, **sources}
     try:
         print(json.dumps(out, indent=2, sort_keys=True), flush=True)
     except BrokenPipeError:  # e.g. `gdriver check-config | head`: not an error
@@ -137,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args and args[0] in ("-h", "--help"):
         print(
             "usage: gdriver [run] [options] | gdriver check-config [options] | "
-            "gdriver console [--server HOST[:PORT]]... [COMMAND [ARGS...]]\n\n"
+            "gdriver console [--server HOST[:PORT]]... [--configfile FILE]... "
+            "[COMMAND [ARGS...]]\n\n"
             "gdriver run --help lists the options.",
         )
         sys.exit(0)

@@ -34,24 +34,33 @@ from gdriver import __version__
 from gdriver.loop import TcpServer
 
 if TYPE_CHECKING:
+    from gdriver.control import Control
     from gdriver.jobs import JobState
-    from gdriver.supervisor import Driver
 
 log = logging.getLogger("gdriver.console")
 
 MAX_LINE = 4096
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64  # past it, the least recently active connection is closed
 IDLE_TIMEOUT = 300.0
 REAP_INTERVAL = 5.0  # s between looks for idle connections
 MAX_OUTPUT = 1 << 20  # pending reply bytes per connection before we stop reading from it
+# one connection's work per loop turn: a client flooding commands waits its turn, and the
+# loop (health checks, other clients, the workers) goes round between its batches
+TURN_COMMANDS = 16
+TURN_OUTPUT = 64 << 10  # reply bytes; a single larger reply still goes out whole
 # After an error that closes a connection (line too long), the rest of the client's input is
 # read and dropped for a while: closing with unread input would reset the connection and the
 # client could lose the ERR line.
 LINGER = 2.0
 LINGER_MAX = 1 << 20
 DIGITS = re.compile(r"[0-9]+")
-LINE_END = re.compile(rb"\r\n|\n\r|\n|\r")
+# telnet sends CR NUL for a bare CR (RFC 854): after a command in character mode, and as
+# CR NUL CR LF for a piped "\r\n"; each is one line end, longest first
+LINE_END = re.compile(rb"\r\x00\r\n|\r\x00|\r\n|\n\r|\n|\r")
+LINE_ENDS = (b"\r\x00\r\n", b"\r\x00", b"\r\n", b"\n\r", b"\n", b"\r")
 IAC = 255
+WILL, WONT, DO, DONT = 251, 252, 253, 254
+SGA = 3  # suppress go-ahead: we never send go-aheads, so we agree to it
 
 
 class ConsoleError(Exception):
@@ -104,8 +113,16 @@ def iso(epoch: float) -> str:
 
 def job_fields(job: JobState) -> tuple[str, int, int, int, str, str, str]:
     msg = job.lasterror_msg.splitlines()[0] if job.lasterror_msg else ""
-    return (job.name, job.min_processes, job.max_processes, job.count, iso(job.lastrun),
-            iso(job.lasterror), f"ERROR: {msg}" if msg else "")  # fmt: skip
+    error = f"ERROR: {msg}" if msg else ""
+    return (
+        job.name,
+        job.min_processes,
+        job.max_processes,
+        job.count,
+        iso(job.lastrun),
+        iso(job.lasterror),
+        error,
+    )
 
 
 def status_lines(jobs: Iterable[JobState]) -> list[str]:
@@ -122,9 +139,10 @@ def status_lines(jobs: Iterable[JobState]) -> list[str]:
 
 
 class Context:
-    """What a command sees: the driver and a job lookup that raises the console error."""
+    """What a command sees: the supervisor (``driver``, a :class:`gdriver.control.Control`)
+    and a job lookup that raises the console error."""
 
-    def __init__(self, driver: Driver, server: ConsoleServer | None = None) -> None:
+    def __init__(self, driver: Control, server: ConsoleServer | None = None) -> None:
         self.driver = driver
         self.server = server
 
@@ -157,13 +175,20 @@ def _count(value: str | None, what: str) -> int:
     return int(value)
 
 
+def _set_limits(ctx: Context, job: JobState, low: int, high: int) -> None:
+    problem = ctx.driver.limits_problem(job, low, high)
+    if problem:  # nothing applied
+        raise ConsoleError("invalid_value", problem)
+    ctx.driver.set_limits(job, low, high)
+
+
 @_builtin("set_min_processes", "set_min_processes <job_name> <n>", "set min processes, now")
 def cmd_set_min(ctx: Context, *args: str) -> list[str]:
     job = ctx.get_job(_arg(args, 0))
     low = _count(_arg(args, 1), "min_processes")
     if low > job.max_processes:
         raise ConsoleError("invalid_value", "min_processes must be smaller than max_processes")
-    ctx.driver.set_limits(job, low, job.max_processes)
+    _set_limits(ctx, job, low, job.max_processes)
     return ["OK"]
 
 
@@ -173,7 +198,7 @@ def cmd_set_max(ctx: Context, *args: str) -> list[str]:
     high = _count(_arg(args, 1), "max_processes")
     if high < job.min_processes:
         raise ConsoleError("invalid_value", "max_processes must be greater than min_processes")
-    ctx.driver.set_limits(job, job.min_processes, high)
+    _set_limits(ctx, job, job.min_processes, high)
     return ["OK"]
 
 
@@ -184,13 +209,13 @@ def cmd_set_processes(ctx: Context, *args: str) -> list[str]:
     high = _count(_arg(args, 2), "max_processes")
     if high < low:
         raise ConsoleError("invalid_value", "max_processes must be greater than min_processes")
-    ctx.driver.set_limits(job, low, high)
+    _set_limits(ctx, job, low, high)
     return ["OK"]
 
 
 @_builtin("kill", "kill <pid> [<pid> ...]", "stop processes gracefully (after their job)")
 def cmd_kill(ctx: Context, *args: str) -> list[str]:
-    ours = {str(pid): pid for pid in ctx.driver.procs}
+    ours = {str(pid): pid for pid in ctx.driver.pids()}
     pids = [ours[a] for a in args if a in ours]
     if not pids:
         raise ConsoleError("invalid_value", "the given PID(s) do not belong to us")
@@ -231,13 +256,15 @@ def load_plugins() -> None:
             log.error("console plugin %s failed to load: %s", ep.name, exc)
 
 
-def split_telnet(data: bytes) -> tuple[bytes, bytes]:
-    """Drop telnet IAC negotiation sequences; IAC IAC is a literal 0xFF. Returns the text and
+def split_telnet(data: bytes) -> tuple[bytes, bytes, list[tuple[int, int]]]:
+    """Take telnet IAC sequences out of the input; IAC IAC is a literal 0xFF. Returns the text,
     an incomplete sequence at the end, to be prefixed to the next read (a sequence may be
-    split across reads; an unfinished subnegotiation is kept for at most MAX_LINE bytes)."""
+    split across reads; an unfinished subnegotiation is kept for at most MAX_LINE bytes), and
+    the option negotiations seen, as (WILL|WONT|DO|DONT, option)."""
     if IAC not in data:
-        return data, b""
+        return data, b"", []
     out = bytearray()
+    options: list[tuple[int, int]] = []
     i, n = 0, len(data)
     while i < n:
         b = data[i]
@@ -246,24 +273,25 @@ def split_telnet(data: bytes) -> tuple[bytes, bytes]:
             i += 1
             continue
         if i + 1 >= n:
-            return bytes(out), data[i:]
+            return bytes(out), data[i:], options
         nxt = data[i + 1]
         if nxt == IAC:
             out.append(IAC)
             i += 2
-        elif 251 <= nxt <= 254:  # WILL WONT DO DONT <option>
+        elif WILL <= nxt <= DONT:
             if i + 2 >= n:
-                return bytes(out), data[i:]
+                return bytes(out), data[i:], options
+            options.append((nxt, data[i + 2]))
             i += 3
         elif nxt == 250:  # SB ... IAC SE
             end = data.find(bytes([IAC, 240]), i + 2)
             if end < 0:
                 rest = data[i:]
-                return bytes(out), rest if len(rest) <= MAX_LINE else b""
+                return bytes(out), rest if len(rest) <= MAX_LINE else b"", options
             i = end + 2
         else:
             i += 2
-    return bytes(out), b""
+    return bytes(out), b"", options
 
 
 def dispatch(ctx: Context, line: str) -> tuple[list[str], str]:
@@ -300,28 +328,34 @@ class Connection:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.skip_lf = False
+        self.line_end = b""  # the last line's end, while more input could still extend it
         self.telnet = b""  # an IAC sequence cut by the end of the last read
+        self.sga = False  # telnet suppress-go-ahead agreed
         self.closing = False
         self.linger = False  # drop input after our last reply instead of resetting
         self.dropped = 0
         self.shut = False
         self.linger_timer: Any = None
         self.last_active = time.monotonic()
+        self.turn_commands = 0  # commands run in this loop turn
+        self.turn_output = 0  # reply bytes made in this loop turn
+        self.backlog = False  # input left for the next turn: read no more until it is done
 
     def stale(self, now: float) -> bool:
         return now - self.last_active > IDLE_TIMEOUT
 
     def events(self) -> int:
         ev = 0
-        if self.linger or (not self.closing and len(self.outbuf) < MAX_OUTPUT):
+        reading = not self.closing and not self.backlog and len(self.outbuf) < MAX_OUTPUT
+        if self.linger or reading:
             ev |= selectors.EVENT_READ
-        if self.outbuf:
-            ev |= selectors.EVENT_WRITE
+        if self.outbuf or self.backlog:
+            ev |= selectors.EVENT_WRITE  # writable at once: the backlog's turn comes next
         return ev
 
     def on_event(self, mask: int) -> None:
         self.last_active = time.monotonic()
+        self.turn_commands = self.turn_output = 0
         if mask & selectors.EVENT_READ:
             try:
                 data = self.sock.recv(65536)
@@ -339,7 +373,9 @@ class Connection:
                     self.close()
                     return
             elif data:
-                text, self.telnet = split_telnet(self.telnet + data)
+                text, self.telnet, options = split_telnet(self.telnet + data)
+                for verb, option in options:
+                    self.negotiate(verb, option)
                 self.feed(text)
         if self.outbuf:
             self.flush()
@@ -347,12 +383,36 @@ class Connection:
             self.process_lines()  # input held back while the reply buffer was full
         self.update()
 
+    def negotiate(self, verb: int, option: int) -> None:
+        """Answer telnet option requests (RFC 854, 1143): we agree to suppress go-ahead and
+        refuse every other option; a refusal of what is already off needs no answer, so two
+        ends never loop. Clients that ask for nothing (Net::Telnet) never see an IAC."""
+        if verb == DO and option == SGA:
+            if not self.sga:
+                self.sga = True
+                self.outbuf += bytes([IAC, WILL, SGA])
+        elif verb == DONT and option == SGA:
+            if self.sga:
+                self.sga = False
+                self.outbuf += bytes([IAC, WONT, SGA])
+        elif verb == DO:
+            self.outbuf += bytes([IAC, WONT, option])
+        elif verb == WILL:
+            self.outbuf += bytes([IAC, DONT, option])
+
     def feed(self, data: bytes) -> None:
         if not data:
             return
-        if self.skip_lf and data[:1] == b"\n":
-            data = data[1:]
-        self.skip_lf = False
+        if self.line_end:
+            # the last line ended the input read so far; these bytes may continue its end
+            # (CR then LF, CR NUL then CR LF) rather than end an empty line
+            joined = self.line_end + data
+            if any(len(e) > len(joined) and e.startswith(joined) for e in LINE_ENDS):
+                self.line_end = joined
+                return
+            m = LINE_END.match(joined)  # matches: joined starts with a line end
+            data = joined[m.end() :] if m else data
+            self.line_end = b""
         self.inbuf += data
         self.process_lines()
 
@@ -360,6 +420,8 @@ class Connection:
         pos = 0
         buf = self.inbuf
         while not self.closing and len(self.outbuf) < MAX_OUTPUT:
+            if self.turn_used():
+                break
             m = LINE_END.search(buf, pos)
             if m is None:
                 if len(buf) - pos > MAX_LINE:
@@ -367,15 +429,21 @@ class Connection:
                 break
             line = bytes(buf[pos : m.start()])
             pos = m.end()
-            if m.group() == b"\r" and pos == len(buf):
-                self.skip_lf = True  # a CR at the end of a read may be half of a CRLF
+            if pos == len(buf) and m.group() in (b"\r", b"\n", b"\r\x00"):
+                self.line_end = m.group()  # may be half of a longer line end
             if len(line) > MAX_LINE:
                 self.too_long()
                 break
+            self.turn_commands += 1
             self.handle(line.decode("utf-8", "replace"))
             if self.sock.fileno() < 0:
                 return
         del buf[:pos]
+        self.backlog = bool(buf) and not self.closing and self.turn_used()
+
+    def turn_used(self) -> bool:
+        """This connection's share of the loop turn is spent."""
+        return self.turn_commands >= TURN_COMMANDS or self.turn_output >= TURN_OUTPUT
 
     def too_long(self) -> None:
         self.reply([f"ERR line_too_long: lines are limited to {MAX_LINE} bytes"])
@@ -400,7 +468,9 @@ class Connection:
 
     def reply(self, lines: list[str]) -> None:
         out = "".join(f"{line}\r\n" for line in lines) + ".\r\n"
-        self.outbuf += out.encode("utf-8", "replace")
+        data = out.encode("utf-8", "replace")
+        self.turn_output += len(data)
+        self.outbuf += data
 
     def flush(self) -> None:
         try:
@@ -448,7 +518,7 @@ class ConsoleServer(TcpServer):
     name = "console"
     max_connections = MAX_CONNECTIONS
 
-    def __init__(self, driver: Driver, host: str, port: int) -> None:
+    def __init__(self, driver: Control, host: str, port: int) -> None:
         self.driver = driver
         self.reap_interval = REAP_INTERVAL
         load_plugins()
@@ -456,10 +526,3 @@ class ConsoleServer(TcpServer):
 
     def connect(self, sock: socket.socket) -> Connection:
         return Connection(self, sock)
-
-    def refuse(self, sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.send(b"ERR too_many_connections: try again later\r\n.\r\n")
-            sock.shutdown(socket.SHUT_WR)
-            sock.recv(65536)  # drop what the client already sent: close without a reset
-        sock.close()

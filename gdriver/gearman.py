@@ -7,8 +7,9 @@ a connection as soon as it answers NO_JOB; the loop then blocks until gearmand s
 Connection trouble never escapes :meth:`GearmanWorker.work`: the connection is dropped and
 re-established with exponential backoff while the other servers keep being served.
 
-Nothing is created at import time and no threads are used, so the module is safe to use in
-processes forked after import.
+No threads are used and the only thing created at import time is the receive buffer every
+connection reads into (reused, never shared by two readers at once), so the module is safe
+to use in processes forked after import.
 
 Behaviour of gearmand 1.1.20 this module relies on (checked by
 ``tests/test_gearman_protocol.py`` against a real gearmand):
@@ -30,17 +31,29 @@ Behaviour of gearmand 1.1.20 this module relies on (checked by
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import selectors
 import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+from gdriver.codec import (
+    HEADER_SIZE,
+    Address,
+    MalformedPacket,
+    PacketType,
+    connect,
+    connect_error,
+    error_text,
+    header,
+    pack,
+    resolve,
+    unpack,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -51,8 +64,6 @@ __all__ = [
     "Job",
     "JobFailed",
     "Server",
-    "admin_command",
-    "packet",
     "parse_servers",
     "parse_status",
 ]
@@ -62,55 +73,28 @@ log = logging.getLogger(__name__)
 Server = tuple[str, int]
 DEFAULT_PORT = 4730
 
-#: Largest binary packet accepted from a server; anything bigger is treated as garbage.
-MAX_PACKET_SIZE = 64 * 1024 * 1024
 #: Largest admin (text protocol) reply accepted.
 MAX_ADMIN_REPLY = 16 * 1024 * 1024
 
-_REQ = b"\0REQ"
-_RES = b"\0RES"
-_HEADER = struct.Struct(">4sII")
-_HEADER_SIZE = _HEADER.size
-_unpack_header = _HEADER.unpack_from
-_pack_header = _HEADER.pack
-# Reads go into one reused buffer: a fresh 256 KiB bytes object per recv() is above glibc's
-# mmap threshold and costs an mmap, mremap and munmap per read (measured: 3 syscalls a job).
+# Reads go into one reused buffer, made at import: a fresh 256 KiB bytes object per recv() is
+# above glibc's mmap threshold and costs an mmap, mremap and munmap per read (measured: 3
+# syscalls a job).
 _RECV_SIZE = 256 * 1024
 #: Seconds an awake connection may stay silent before the worker counts as idle anyway.
 STALLED = 1.0
 _recv_buffer = bytearray(_RECV_SIZE)
 _recv_view = memoryview(_recv_buffer)
 
-# Packet types used here (see the Gearman protocol document).
-CAN_DO = 1
-PRE_SLEEP = 4
-NOOP = 6
-NO_JOB = 10
-JOB_ASSIGN = 11
-WORK_STATUS = 12
-WORK_COMPLETE = 13
-WORK_FAIL = 14
-ECHO_REQ = 16
-ECHO_RES = 17
-ERROR = 19
-SET_CLIENT_ID = 22
-WORK_EXCEPTION = 25
-OPTION_RES = 27
-WORK_DATA = 28
-WORK_WARNING = 29
-GRAB_JOB_UNIQ = 30
-JOB_ASSIGN_UNIQ = 31
+P = PacketType
+# plain ints where every job uses them: comparing with an IntEnum member costs twice as much
+JOB_ASSIGN_UNIQ = int(P.JOB_ASSIGN_UNIQ)
+WORK_COMPLETE = int(P.WORK_COMPLETE)
+WORK_FAIL = int(P.WORK_FAIL)
+WORK_WARNING = int(P.WORK_WARNING)
 
-
-def _packet(ptype: int, body: bytes = b"") -> bytes:
-    return _pack_header(_REQ, ptype, len(body)) + body
-
-
-packet = _packet  # public: build one request packet
-
-_GRAB = _packet(GRAB_JOB_UNIQ)
-_PRE_SLEEP = _packet(PRE_SLEEP)
-_ECHO = _packet(ECHO_REQ, b"gdriver")
+_GRAB = pack(P.GRAB_JOB_UNIQ)
+_PRE_SLEEP = pack(P.PRE_SLEEP)
+_ECHO = pack(P.ECHO_REQ, b"gdriver")
 
 
 # --------------------------------------------------------------------------- servers
@@ -178,46 +162,6 @@ def _label(server: Server) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-_ERRNO_TEXT = {
-    errno.ECONNREFUSED: "connection refused",
-    errno.ECONNRESET: "connection reset",
-    errno.ECONNABORTED: "connection aborted",
-    errno.ETIMEDOUT: "timeout",
-    errno.EHOSTUNREACH: "host unreachable",
-    errno.ENETUNREACH: "network unreachable",
-    errno.EPIPE: "connection closed",
-}
-
-
-def _errno_text(err: int) -> str:
-    return _ERRNO_TEXT.get(err) or os.strerror(err).lower()
-
-
-def _oserror_text(exc: OSError) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timeout"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror or exc}"
-    if exc.errno:
-        return _errno_text(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-def _tune_socket(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except OSError:
-        pass
-
-
-_CONNECT_PENDING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EALREADY, errno.EINTR)
-
-
 # --------------------------------------------------------------------------- jobs
 
 
@@ -283,19 +227,19 @@ class Job:
         if conn.gen != self._gen:
             return  # the connection it came from is gone; gearmand requeues the job
         h = self._handle
-        conn.write(b"".join((_pack_header(_REQ, ptype, len(h) + 1 + len(body)), h, b"\0", body)))
+        conn.write(b"".join((header(ptype, len(h) + 1 + len(body)), h, b"\0", body)))
 
     def send_status(self, numerator: int, denominator: int) -> None:
         """Send WORK_STATUS (progress numerator/denominator) to the client now."""
-        self._send(WORK_STATUS, b"%d\0%d" % (int(numerator), int(denominator)))
+        self._send(P.WORK_STATUS, b"%d\0%d" % (int(numerator), int(denominator)))
 
     def send_data(self, data: bytes | str) -> None:
         """Send WORK_DATA (a partial result) to the client now; str is UTF-8 encoded."""
-        self._send(WORK_DATA, data.encode() if isinstance(data, str) else bytes(data))
+        self._send(P.WORK_DATA, data.encode() if isinstance(data, str) else bytes(data))
 
     def send_warning(self, data: bytes | str) -> None:
         """Send WORK_WARNING to the client now; str is UTF-8 encoded."""
-        self._send(WORK_WARNING, data.encode() if isinstance(data, str) else bytes(data))
+        self._send(P.WORK_WARNING, data.encode() if isinstance(data, str) else bytes(data))
 
 
 Handler = Callable[[Job], bytes]
@@ -313,10 +257,10 @@ def _coerce_result(result: Any) -> bytes:
 
 def _failure_packet(handle: bytes, message: bytes | None) -> bytes:
     # Not WORK_EXCEPTION: gearmand 1.1.20 garbles it for most clients (module docstring).
-    fail = _pack_header(_REQ, WORK_FAIL, len(handle)) + handle
+    fail = header(WORK_FAIL, len(handle)) + handle
     if message is None:
         return fail
-    return b"".join((_pack_header(_REQ, WORK_WARNING, len(handle) + 1 + len(message)),
+    return b"".join((header(WORK_WARNING, len(handle) + 1 + len(message)),
                      handle, b"\0", message, fail))  # fmt: skip
 
 
@@ -394,7 +338,7 @@ class _Conn:
         self.events = 0
         self.state = _DOWN
         self.gen = 0
-        self.addrs: list[tuple[int, int, Any]] = []
+        self.addrs: list[Address] = []
         self.addr_idx = 0
         self.next_attempt = 0.0
         self.backoff = 0.0
@@ -439,7 +383,7 @@ class _Conn:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self.broken = _oserror_text(exc)
+            self.broken = error_text(exc)
             return
         if sent < len(data):
             self.out += memoryview(data)[sent:]
@@ -511,8 +455,8 @@ class GearmanWorker:
         }
         hello = []
         if client_id:
-            hello.append(_packet(SET_CLIENT_ID, client_id.encode()))
-        hello.extend(_packet(CAN_DO, name) for name in self._handlers)
+            hello.append(pack(P.SET_CLIENT_ID, client_id.encode()))
+        hello.extend(pack(P.CAN_DO, name) for name in self._handlers)
         hello.append(_ECHO)
         self._hello = b"".join(hello)
         self._conns = [_Conn(s) for s in self.servers]
@@ -524,12 +468,20 @@ class GearmanWorker:
         #: Jobs finished with WORK_COMPLETE / with WORK_FAIL.
         self.jobs_completed = 0
         self.jobs_failed = 0
-        #: ERROR packets received from servers, and the last one as "server: code: text".
-        self.errors_received = 0
-        self.last_error: str | None = None
+        self._on_packet: dict[int, Callable[[_Conn, int, bytes], None]] = {
+            int(P.JOB_ASSIGN_UNIQ): self._on_assign,
+            int(P.JOB_ASSIGN): self._on_assign,
+            int(P.NO_JOB): self._on_no_job,
+            int(P.NOOP): self._on_noop,
+            int(P.ECHO_RES): self._on_echo_res,
+            int(P.ERROR): self._on_error,
+            int(P.OPTION_RES): self._on_option_res,
+        }
+        self._stop_deadline = 0.0
+        self._stop_jobs = -1
 
     @property
-    def registered(self) -> int:
+    def confirmed_servers(self) -> int:
         """Number of servers on which the registration is currently confirmed."""
         return self._confirmed
 
@@ -561,68 +513,24 @@ class GearmanWorker:
         self._stopping = False
         self.close()
         poller = self._poller = _Poller()
-        objects = poller.objects
         poll = poller.poll
         scale = poller.scale
-        conns = self._conns
         monotonic = time.monotonic
         try:
-            for fd in dict.fromkeys(wake_fds):
-                poller.register(fd, _IN, None)
-            now = monotonic()
-            for c in conns:
-                c.next_attempt = now
-                c.backoff = self.reconnect_min
-                c.addrs = []
-                c.addr_idx = 0
-            stop_deadline = 0.0
-            stop_jobs = -1
+            self._start(wake_fds)
             while True:
                 if not self._stopping and should_stop():
                     self._stopping = True
                 now = monotonic()
                 if self._stopping:
-                    jobs = self.jobs_completed + self.jobs_failed
-                    if jobs != stop_jobs:
-                        # a job run while stopping gets its own grace period for its result
-                        stop_deadline = now + self.stop_grace
-                        stop_jobs = jobs
-                    # wait for results to go out and for grabs a live server may still answer
-                    # (a stalled one gets its job back when we close: gearmand re-queues it)
-                    if now >= stop_deadline or not any(
-                        c.out or (c.grabbing and now - c.last_rx < STALLED) for c in conns
-                    ):
+                    timeout = self._stop_timeout(now)
+                    if timeout is None:
                         return
-                    timeout = min(self._timers(now, True), stop_deadline - now)
                 else:
-                    timeout = self._timers(now, False)
-                    if on_idle is not None:
-                        # awake connections count as work unless silent for STALLED seconds
-                        # (a gearmand that accepts but never answers must not keep us busy)
-                        awake = [c for c in conns if c.state == _UP and not c.sleeping]
-                        if not any(now - c.last_rx < STALLED for c in awake):
-                            again = on_idle()
-                            if again is not None:
-                                timeout = min(timeout, again)
-                        elif awake:
-                            timeout = min(timeout, STALLED)
+                    timeout = self._serve_timeout(now, on_idle)
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
-                for fd, ev in events:
-                    obj = objects.get(fd, _GONE)
-                    if obj is None:
-                        if on_wake is not None:
-                            on_wake(fd)
-                        elif not _drain(fd):
-                            poller.unregister(fd)
-                        if not self._stopping and should_stop():
-                            self._stopping = True
-                    elif obj is _GONE:
-                        continue  # closed while handling an earlier event of this round
-                    elif ev == _IN and obj.state == _UP:
-                        self._read(obj, now)
-                    else:
-                        self._on_event(obj, ev, now)
+                self._handle_events(events, now, on_wake)
                 self._check_deadlines(now, events)
         finally:
             self._should_stop = _never
@@ -630,6 +538,75 @@ class GearmanWorker:
             self.close()
             self._poller = None
             poller.close()
+
+    def _start(self, wake_fds: Sequence[int]) -> None:
+        poller = self._poller
+        assert poller is not None
+        for fd in dict.fromkeys(wake_fds):
+            poller.register(fd, _IN, None)
+        now = time.monotonic()
+        for c in self._conns:
+            c.next_attempt = now
+            c.backoff = self.reconnect_min
+            c.addrs = []
+            c.addr_idx = 0
+        self._stop_deadline = 0.0
+        self._stop_jobs = -1
+
+    def _stop_timeout(self, now: float) -> float | None:
+        """While stopping: None once nothing is left to wait for, else the poll timeout."""
+        jobs = self.jobs_completed + self.jobs_failed
+        if jobs != self._stop_jobs:
+            # a job run while stopping gets its own grace period for its result
+            self._stop_deadline = now + self.stop_grace
+            self._stop_jobs = jobs
+        # wait for results to go out and for grabs a live server may still answer
+        # (a stalled one gets its job back when we close: gearmand re-queues it)
+        if now >= self._stop_deadline or not any(
+            c.out or (c.grabbing and now - c.last_rx < STALLED) for c in self._conns
+        ):
+            return None
+        return min(self._timers(now, True), self._stop_deadline - now)
+
+    def _serve_timeout(self, now: float, on_idle: Callable[[], float | None] | None) -> float:
+        """Start due connects and pings, tell on_idle when there is no work; the poll timeout."""
+        timeout = self._timers(now, False)
+        if on_idle is not None:
+            # awake connections count as work unless silent for STALLED seconds
+            # (a gearmand that accepts but never answers must not keep us busy)
+            awake = [c for c in self._conns if c.state == _UP and not c.sleeping]
+            if not any(now - c.last_rx < STALLED for c in awake):
+                again = on_idle()
+                if again is not None:
+                    timeout = min(timeout, again)
+            elif awake:
+                timeout = min(timeout, STALLED)
+        return timeout
+
+    def _handle_events(
+        self,
+        events: list[tuple[int, int]],
+        now: float,
+        on_wake: Callable[[int], None] | None,
+    ) -> None:
+        poller = self._poller
+        assert poller is not None
+        objects = poller.objects
+        for fd, ev in events:
+            obj = objects.get(fd, _GONE)
+            if obj is None:
+                if on_wake is not None:
+                    on_wake(fd)
+                elif not _drain(fd):
+                    poller.unregister(fd)
+                if not self._stopping and self._should_stop():
+                    self._stopping = True
+            elif obj is _GONE:
+                continue  # closed while handling an earlier event of this round
+            elif ev == _IN and obj.state == _UP:
+                self._read(obj, now)
+            else:
+                self._on_event(obj, ev, now)
 
     def close(self) -> None:
         """Close every connection (work() does this itself when it returns)."""
@@ -692,34 +669,27 @@ class GearmanWorker:
         reason = "no address"
         if c.addr_idx >= len(c.addrs):
             try:
-                infos = socket.getaddrinfo(c.server[0], c.server[1], 0, socket.SOCK_STREAM)
+                c.addrs = resolve(*c.server)
             except OSError as exc:
-                self._schedule_retry(c, now, _oserror_text(exc))
+                self._schedule_retry(c, now, error_text(exc))
                 return
-            c.addrs = [(family, proto, sa) for family, _, proto, _, sa in infos]
             c.addr_idx = 0
         while c.addr_idx < len(c.addrs):
-            family, proto, sa = c.addrs[c.addr_idx]
+            address = c.addrs[c.addr_idx]
             c.addr_idx += 1
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM, proto)
+                sock, connected = connect(address)
             except OSError as exc:
-                reason = _oserror_text(exc)
+                reason = error_text(exc)
                 continue
-            sock.setblocking(False)
-            _tune_socket(sock)
-            err = sock.connect_ex(sa)
-            if err == 0:
+            if connected:
                 c.attach(sock, poller, _IN)
                 self._connected(c, now)
-                return
-            if err in _CONNECT_PENDING:
+            else:
                 c.attach(sock, poller, _OUT)
                 c.state = _CONNECTING
                 c.connect_deadline = now + self.connect_timeout
-                return
-            sock.close()
-            reason = _errno_text(err)
+            return
         self._schedule_retry(c, now, reason)
 
     def _connect_failed(self, c: _Conn, now: float, reason: str) -> None:
@@ -772,9 +742,9 @@ class GearmanWorker:
         sock = c.sock
         assert sock is not None
         if c.state == _CONNECTING:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._connect_failed(c, now, _errno_text(err))
+            failed = connect_error(sock)
+            if failed is not None:
+                self._connect_failed(c, now, failed)
                 return
             try:
                 sock.getpeername()
@@ -798,7 +768,7 @@ class GearmanWorker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._drop(c, _oserror_text(exc))
+            self._drop(c, error_text(exc))
             return
         del c.out[:sent]
         if not c.out:
@@ -813,7 +783,7 @@ class GearmanWorker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._drop(c, _oserror_text(exc))
+            self._drop(c, error_text(exc))
             return
         if not data:
             self._drop(c, "connection closed by server")
@@ -831,78 +801,79 @@ class GearmanWorker:
         pos = 0
         total = len(data)
         gen = c.gen
-        while total - pos >= _HEADER_SIZE:
-            magic, ptype, size = _unpack_header(data, pos)
-            if magic != _RES or size > MAX_PACKET_SIZE:
+        handlers = self._on_packet
+        while total - pos >= HEADER_SIZE:
+            try:
+                ptype, start, end = unpack(data, pos)
+            except MalformedPacket:
                 self._drop(c, "malformed packet from server")
                 return
-            end = pos + _HEADER_SIZE + size
             if end > total:
                 break
-            start = pos + _HEADER_SIZE
             pos = end
-            if ptype in (JOB_ASSIGN_UNIQ, JOB_ASSIGN):
-                parts = data[start:end].split(b"\0", 3 if ptype == JOB_ASSIGN_UNIQ else 2)
-                if len(parts) != (4 if ptype == JOB_ASSIGN_UNIQ else 3) or not c.grabbing:
-                    self._drop(c, "malformed JOB_ASSIGN from server")
-                    return
-                c.grabbing = False
-                c.pending -= 1
-                self._run_job(c, parts)
-                if c.gen != gen:
-                    return
-                if c.broken is not None:
-                    self._drop(c, c.broken)
-                    return
-            elif ptype == NO_JOB:
-                if not c.grabbing:
-                    self._drop(c, "unexpected NO_JOB from server")
-                    return
-                c.grabbing = False
-                c.pending -= 1
-                if not self._stopping:
-                    c.sleeping = True
-                    c.write(_PRE_SLEEP)
-            elif ptype == NOOP:
-                if c.sleeping:
-                    c.sleeping = False
-                    if not self._stopping and not self._stop_now():
-                        c.grabbing = True
-                        c.pending += 1
-                        c.deadline = time.monotonic() + self.reply_timeout
-                        c.write(_GRAB)
-            elif ptype == ECHO_RES:
-                if c.pending > (1 if c.grabbing else 0):
-                    c.pending -= 1
-                if not c.confirmed:
-                    c.confirmed = True
-                    c.backoff = self.reconnect_min
-                    log.info("registered on gearmand %s", c.label)
-                    self._set_confirmed(self._confirmed + 1)
-                    if c.gen != gen:
-                        return
-            elif ptype == ERROR:
-                code, _, text = data[start:end].partition(b"\0")
-                self.errors_received += 1
-                self.last_error = (
-                    f"{c.label}: {code.decode('utf-8', 'replace')}: "
-                    f"{text.decode('utf-8', 'replace')}"
-                )
-                log.warning("gearmand error %s", self.last_error)
-            elif ptype != OPTION_RES:
+            on_packet = handlers.get(ptype)
+            if on_packet is None:
                 self._drop(c, f"unexpected packet type {ptype} from server")
                 return
+            on_packet(c, ptype, data[start:end])
+            if c.gen != gen:
+                return  # dropped, or closed by a callback: the rest belongs to that connection
             if c.broken is not None:
                 self._drop(c, c.broken)
                 return
         if pos < total:
             rest = data[pos:]
             c.inbuf = bytearray(rest)
-            if len(rest) >= _HEADER_SIZE:
-                magic, _, size = _unpack_header(rest, 0)
-                c.need = _HEADER_SIZE + size
-            else:
-                c.need = _HEADER_SIZE
+            # a partial header is not checked yet; a whole one passed unpack() above
+            c.need = unpack(rest)[2] if len(rest) >= HEADER_SIZE else HEADER_SIZE
+
+    def _on_assign(self, c: _Conn, ptype: int, body: bytes) -> None:
+        fields = 4 if ptype == JOB_ASSIGN_UNIQ else 3
+        parts = body.split(b"\0", fields - 1)
+        if len(parts) != fields or not c.grabbing:
+            self._drop(c, "malformed JOB_ASSIGN from server")
+            return
+        c.grabbing = False
+        c.pending -= 1
+        self._run_job(c, parts)
+
+    def _on_no_job(self, c: _Conn, ptype: int, body: bytes) -> None:
+        if not c.grabbing:
+            self._drop(c, "unexpected NO_JOB from server")
+            return
+        c.grabbing = False
+        c.pending -= 1
+        if not self._stopping:
+            c.sleeping = True
+            c.write(_PRE_SLEEP)
+
+    def _on_noop(self, c: _Conn, ptype: int, body: bytes) -> None:
+        if c.sleeping:
+            c.sleeping = False
+            if not self._stopping and not self._stop_now():
+                c.grabbing = True
+                c.pending += 1
+                c.deadline = time.monotonic() + self.reply_timeout
+                c.write(_GRAB)
+
+    def _on_echo_res(self, c: _Conn, ptype: int, body: bytes) -> None:
+        if c.pending > (1 if c.grabbing else 0):
+            c.pending -= 1
+        if not c.confirmed:
+            c.confirmed = True
+            c.backoff = self.reconnect_min
+            log.info("registered on gearmand %s", c.label)
+            self._set_confirmed(self._confirmed + 1)
+
+    def _on_error(self, c: _Conn, ptype: int, body: bytes) -> None:
+        code, _, text = body.partition(b"\0")
+        log.warning(
+            "gearmand error %s: %s: %s",
+            c.label, code.decode("utf-8", "replace"), text.decode("utf-8", "replace"),
+        )  # fmt: skip
+
+    def _on_option_res(self, c: _Conn, ptype: int, body: bytes) -> None:
+        pass  # an answer to nothing we asked; harmless
 
     def _stop_now(self) -> bool:
         if self._should_stop():
@@ -933,7 +904,7 @@ class GearmanWorker:
                 result = handler(job)
                 if type(result) is not bytes:
                     result = _coerce_result(result)
-                packet = b"".join((_pack_header(_REQ, WORK_COMPLETE, len(handle) + 1 + len(result)),
+                packet = b"".join((header(WORK_COMPLETE, len(handle) + 1 + len(result)),
                                    handle, b"\0", result))  # fmt: skip
                 self.jobs_completed += 1
             except Exception as exc:
@@ -1005,38 +976,6 @@ def _admin_reply(buf: bytes | bytearray, multiline: bool) -> list[str] | None:
     while lines and lines[-1] == "":
         lines.pop()
     return lines[:-1]  # without the final "."
-
-
-def admin_command(server: Server, command: str, timeout: float = 2.0) -> list[str]:
-    """Run one text admin command (status, workers, version, ...) and return its lines.
-
-    Multi-line replies (status, workers, show ..., prioritystatus) are read up to the lone
-    '.', which is not returned; other commands return their single line.  Raises OSError
-    (TimeoutError after ``timeout`` seconds in total) on failure.
-    """
-    payload = _admin_payload(command)
-    multiline = _is_multiline(command)
-    deadline = time.monotonic() + timeout
-    with socket.create_connection(server, timeout=timeout) as sock:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        sock.sendall(payload)
-        buf = bytearray()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no complete reply to {command!r} within {timeout}s")
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed before the end of the reply")
-            if b"\0" in chunk:
-                raise OSError("malformed reply")
-            buf += chunk
-            if len(buf) > MAX_ADMIN_REPLY:
-                raise OSError(f"admin reply larger than {MAX_ADMIN_REPLY} bytes")
-            lines = _admin_reply(buf, multiline)
-            if lines is not None:
-                return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -1114,28 +1053,15 @@ class AdminRequest:
             raise RuntimeError("AdminRequest already started")
         self.deadline = time.monotonic() + self.timeout
         self._state = "connecting"
-        host, port = self.server
         try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            # one socket only, so the fd stays stable for the caller's selector
+            sock, connected = connect(resolve(*self.server)[0])
         except OSError as exc:
-            self._fail_now(_oserror_text(exc))
-        if not infos:
-            self._fail_now("cannot resolve host")
-        # one socket only, so the fd stays stable for the caller's selector: prefer IPv4
-        infos.sort(key=lambda info: info[0] != socket.AF_INET)
-        family, _, proto, _, sockaddr = infos[0]
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM, proto)
-        except OSError as exc:
-            self._fail_now(_oserror_text(exc))
+            self._fail_now(error_text(exc))
         self._sock = sock
         self._fd = sock.fileno()
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        if err == 0:
+        if connected:
             self._state = "sending"
-        elif err not in _CONNECT_PENDING:
-            self._fail_now(_errno_text(err))
 
     def _fail_now(self, error: str) -> NoReturn:
         self._fail(error)
@@ -1156,9 +1082,9 @@ class AdminRequest:
         sock = self._sock
         try:
             if self._state == "connecting":
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self._fail(_errno_text(err))
+                failed = connect_error(sock)
+                if failed is not None:
+                    self._fail(failed)
                     return
                 self._state = "sending"
             if self._state == "sending":
@@ -1189,7 +1115,7 @@ class AdminRequest:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._fail(_oserror_text(exc))
+            self._fail(error_text(exc))
 
     def check_timeout(self, now: float) -> None:
         if not self.done and self._state != "new" and now >= self.deadline:

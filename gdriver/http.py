@@ -15,13 +15,16 @@ from prometheus_client.exposition import choose_encoder
 from gdriver.loop import TcpServer
 
 if TYPE_CHECKING:
-    from gdriver.supervisor import Driver
+    from gdriver.control import Control
 
 log = logging.getLogger("gdriver.http")
 
 MAX_REQUEST = 16 * 1024
-MAX_CONNECTIONS = 64
-TIMEOUT = 10.0
+MAX_CONNECTIONS = 64  # past it, the least recently active connection is closed
+HEADER_TIMEOUT = 2.0  # s from accept to the end of the request header
+SEND_STALL = 2.0  # s a response may make no progress (a client that does not read)
+TIMEOUT = 10.0  # s for the whole exchange
+REAP_INTERVAL = 0.5
 HEALTH_STALE = 10.0  # s without a loop tick before /healthz fails
 REASONS = {
     200: "OK",
@@ -39,7 +42,7 @@ class HttpConnection:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = b""
-        self.started = time.monotonic()
+        self.started = self.last_active = time.monotonic()
 
     def on_event(self, mask: int) -> None:
         if mask & selectors.EVENT_READ and not self.outbuf:
@@ -53,6 +56,7 @@ class HttpConnection:
             if not data:
                 self.close()
                 return
+            self.last_active = time.monotonic()
             self.inbuf += data
             end = self.inbuf.find(b"\r\n\r\n")
             if end < 0:
@@ -61,8 +65,7 @@ class HttpConnection:
                 if len(self.inbuf) > MAX_REQUEST:
                     self.respond(431, b"request header too large\n")
                 return
-            self.outbuf = self.server.handle(bytes(self.inbuf[:end]))
-            self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
+            self.respond_with(self.server.handle(bytes(self.inbuf[:end])))
         if mask & selectors.EVENT_WRITE and self.outbuf:
             try:
                 n = self.sock.send(self.outbuf)
@@ -71,15 +74,26 @@ class HttpConnection:
             except OSError:
                 self.close()
                 return
+            self.last_active = time.monotonic()
             self.outbuf = self.outbuf[n:]
             if not self.outbuf:
                 self.close()
 
     def stale(self, now: float) -> bool:
-        return now - self.started > TIMEOUT
+        """A request header still incomplete after HEADER_TIMEOUT (slowloris), a response
+        stuck for SEND_STALL, or any exchange longer than TIMEOUT."""
+        if now - self.started > TIMEOUT:
+            return True
+        if self.outbuf:
+            return now - self.last_active > SEND_STALL
+        return now - self.started > HEADER_TIMEOUT
 
     def respond(self, code: int, body: bytes) -> None:
-        self.outbuf = self.server.response(code, body, "text/plain; charset=utf-8")
+        self.respond_with(self.server.response(code, body, "text/plain; charset=utf-8"))
+
+    def respond_with(self, response: bytes) -> None:
+        self.outbuf = response
+        self.last_active = time.monotonic()  # the stall deadline counts from here
         self.server.loop.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
 
     def close(self) -> None:
@@ -93,10 +107,11 @@ class HttpConnection:
 class HttpServer(TcpServer):
     name = "metrics"
     max_connections = MAX_CONNECTIONS
+    reap_interval = REAP_INTERVAL
 
-    def __init__(self, driver: Driver, host: str, port: int) -> None:
-        self.driver = driver
-        super().__init__(driver.loop, host, port)
+    def __init__(self, control: Control, host: str, port: int) -> None:
+        self.control = control
+        super().__init__(control.loop, host, port)
 
     def connect(self, sock: socket.socket) -> HttpConnection:
         return HttpConnection(self, sock)
@@ -126,16 +141,14 @@ class HttpServer(TcpServer):
         path = target.split("?", 1)[0]
         text = "text/plain; charset=utf-8"
         if path == "/metrics":
-            for job in self.driver.get_jobs():  # the per-job gauges as of now, not of the last tick
-                self.driver.update_job_gauges(job)
             encoder, ctype = choose_encoder(headers.get("accept", ""))
-            return self.response(200, encoder(self.driver.metrics.registry), ctype, head)
+            return self.response(200, encoder(self.control.scrape()), ctype, head)
         if path == "/healthz":
-            stale = time.monotonic() - self.driver.loop.last_tick
+            stale = self.control.loop_lag()
             if stale > HEALTH_STALE:
                 return self.response(503, f"loop stalled for {stale:.0f}s\n".encode(), text, head)
             return self.response(200, b"ok\n", text, head)
         if path == "/readyz":
-            ready, reason = self.driver.is_ready()
+            ready, reason = self.control.is_ready()
             return self.response(200 if ready else 503, reason.encode() + b"\n", text, head)
         return self.response(404, b"not found\n", text, head)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gdriver.loop import Timer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,8 @@ class Process:
     jobs_done: int = 0
     retiring: bool = False  # told to stop (TERM sent)
     term_sent: float = 0.0
-    kill_reason: str = ""
+    kill_sent: bool = False  # SIGKILL sent: it ignored its stop, or a deadline passed
+    stop_reason: str = ""  # why it was told to stop, or why it stopped itself (channel X)
     generation: int = 0  # configuration generation it was started with (reloads roll them)
 
 
@@ -68,7 +72,7 @@ class JobState:
     lasterror_msg: str = ""
     failures: int = 0  # consecutive young deaths, for the crash-loop backoff
     next_start: float = 0.0  # monotonic; no fork before this (backoff)
-    backoff_timer: Any = None
+    backoff_timer: Timer | None = None  # the start delayed by the backoff
 
     @property
     def name(self) -> str:
@@ -87,9 +91,10 @@ class JobState:
         return len(self.processes)
 
     @property
-    def busy(self) -> int:
+    def busy_count(self) -> int:
         return sum(1 for p in self.processes.values() if p.busy)
 
     @property
-    def registered(self) -> int:
+    def registered_count(self) -> int:
+        """Processes registered with gearmand and not told to stop."""
         return sum(1 for p in self.processes.values() if p.registered and not p.retiring)

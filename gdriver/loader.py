@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
+from gdriver.attributes import RUNTIME_NAMES, check_all, limits, nearest
 from gdriver.jobs import JobSpec, MethodSpec
 from gdriver.worker import Worker, job_methods, merged_attributes, name_prefix
 
@@ -33,7 +34,7 @@ def add_lib(paths: Iterable[str]) -> None:
 def import_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() at import, too: one line, never our exit code
         raise LoadError(f"cannot import worker module {name}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -129,11 +130,14 @@ def build_worker(
 ) -> Worker:
     kwargs = worker_kwargs(cls, worker_options, server)
     try:
-        return cls(**kwargs)
+        worker = cls(**kwargs)
     except Exception as exc:
         raise LoadError(
             f"cannot create worker {class_key(cls)}: {type(exc).__name__}: {exc}"
         ) from exc
+    if getattr(worker, "server", None) is None:
+        worker.server = server  # an __init__ that dropped it: Worker.client needs it
+    return worker
 
 
 def coder_name(worker: object, value: Any, default: str, what: str, method: str) -> str:
@@ -188,45 +192,38 @@ def _job_specs(
             )
             explicit[group] = {}
         groups[group].methods.append(mspec)
-        seen = explicit[group]
-        for attr in ("min_processes", "max_processes", "timeout", "max_jobs_per_process",
-                     "max_process_lifetime"):  # fmt: skip
-            if attr not in attrs:
-                continue
-            if attr in seen and seen[attr] != attrs[attr]:
-                log.warning(
-                    "%s redefined in process group %s at %s.%s: keeping %s",
-                    attr, group, class_key(cls), method, seen[attr],
-                )  # fmt: skip
-                continue
-            seen.setdefault(attr, attrs[attr])
-    specs: list[JobSpec] = []
+        _first_wins(explicit[group], attrs, f"process group {group} at {class_key(cls)}.{method}")
     runtime_attributes = runtime_attributes or {}
     for group, spec in groups.items():
-        attrs = {**explicit[group], **runtime_attributes.get(spec.key, {})}
-        for attr in ("min_processes", "max_processes", "max_jobs_per_process"):
-            value = attrs.get(attr)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise LoadError(f"job {spec.name}: {attr} must be an integer >= 0, got {value!r}")
-        for attr in ("timeout", "max_process_lifetime"):
-            value = attrs.get(attr)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or value < 0
-            ):
-                raise LoadError(f"job {spec.name}: {attr} must be a number >= 0, got {value!r}")
-        low = attrs.get("min_processes", 1)
-        high = attrs.get("max_processes", max(1, low))
-        if low > high:
-            raise LoadError(f"job {spec.name}: min_processes {low} > max_processes {high}")
-        spec.min_processes, spec.max_processes = low, high
-        spec.timeout = float(attrs.get("timeout", 0) or 0)
-        spec.max_jobs_per_process = attrs.get("max_jobs_per_process")
-        lifetime = attrs.get("max_process_lifetime")
-        spec.max_process_lifetime = None if lifetime is None else float(lifetime)
-        specs.append(spec)
-    return specs
+        apply_attributes(spec, explicit[group], runtime_attributes.get(spec.key, {}))
+    return list(groups.values())
+
+
+def _first_wins(seen: dict[str, Any], attrs: Mapping[str, Any], where: str) -> None:
+    """In a process group the first method that sets a run-time attribute wins."""
+    for attr in RUNTIME_NAMES:
+        if attr not in attrs:
+            continue
+        if attr in seen and seen[attr] != attrs[attr]:
+            log.warning("%s redefined in %s: keeping %s", attr, where, seen[attr])
+            continue
+        seen.setdefault(attr, attrs[attr])
+
+
+def apply_attributes(
+    spec: JobSpec, explicit: Mapping[str, Any], runtime: Mapping[str, Any] | None = None
+) -> None:
+    """Check the code's attributes and job_runtime_attributes (which win) against the schema
+    and set them on the spec."""
+    try:
+        attrs = check_all(explicit, runtime_only=True, strict=True)
+        attrs.update(check_all(runtime or {}, runtime_only=True))
+        spec.min_processes, spec.max_processes = limits(attrs)
+    except ValueError as exc:
+        raise LoadError(f"job {spec.name}: {exc}") from None
+    spec.timeout = attrs.get("timeout", 0.0)
+    spec.max_jobs_per_process = attrs.get("max_jobs_per_process")
+    spec.max_process_lifetime = attrs.get("max_process_lifetime")
 
 
 def check_unique(specs: Iterable[JobSpec]) -> None:
@@ -258,11 +255,19 @@ def load(
     """Import every worker of the namespaces, build one instance per class, return the jobs."""
     add_lib(lib)
     specs: list[JobSpec] = []
-    for cls in worker_classes(namespaces, wanted):
+    classes = worker_classes(namespaces, wanted)
+    class_names = ["GLOBAL", *(class_key(c) for c in classes), *(c.__qualname__ for c in classes)]
+    check_keys("worker_options", worker_options or {}, class_names)
+    for cls in classes:
         worker = build_worker(cls, worker_options or {}, server)
         specs.extend(job_specs(worker, runtime_attributes))
     check_unique(specs)
-    known = {s.key for s in specs}
-    for key in sorted(set(runtime_attributes or {}) - known):
-        log.warning("job_runtime_attributes: no job matches %s", key)
+    check_keys("job_runtime_attributes", runtime_attributes or {}, [s.key for s in specs])
     return sorted(specs, key=lambda s: s.name)
+
+
+def check_keys(setting: str, values: Mapping[str, Any], known: list[str]) -> None:
+    """A key that names no loaded class or job would be silently ignored: refuse it."""
+    for key in sorted(set(values) - set(known)):
+        what = "class" if setting == "worker_options" else "job"
+        raise LoadError(f"{setting}: {key!r} names no loaded {what}{nearest(key, known)}")

@@ -129,3 +129,10 @@ def setup_child(send: Callable[[str], None], job_name: str, level: int) -> None:
 
 def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
     logging.getLogger("gdriver").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def log_event(logger: logging.Logger, level: int, message: str, event: str, **fields: Any) -> None:
+    """Log ``message`` with the structured fields ``event`` and ``fields`` (JSON keys).
+
+    ``message`` is final text: no %-formatting is applied to it."""
+    logger.log(level, message, extra={"event": event, **fields})

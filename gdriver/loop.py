@@ -3,6 +3,8 @@ so forking from inside it is safe."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import itertools
 import logging
@@ -11,6 +13,8 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from gdriver.logs import log_event
 
 log = logging.getLogger("gdriver.loop")
 
@@ -51,13 +55,6 @@ class EventLoop:
         except (KeyError, ValueError):
             pass
 
-    def registered(self, fileobj: Any) -> bool:
-        try:
-            self.selector.get_key(fileobj)
-        except (KeyError, ValueError):
-            return False
-        return True
-
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(when, callback)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
@@ -96,6 +93,7 @@ class EventLoop:
 
 class Connection(Protocol):
     sock: socket.socket
+    last_active: float  # monotonic time of the client's last progress
 
     def on_event(self, mask: int) -> None: ...
     def close(self) -> None: ...
@@ -103,16 +101,22 @@ class Connection(Protocol):
 
 
 class TcpServer:
-    """A listening socket served by the loop: accepts up to ``max_connections`` clients,
-    hands each to ``connect()``, and closes the stale ones every ``reap_interval`` s."""
+    """A listening socket served by the loop: hands each client to ``connect()``, closes the
+    stale ones every ``reap_interval`` s, and keeps at most ``max_connections``: a new client
+    past the limit is served and the least recently active connection is closed to make room,
+    so idle or stuck clients can never lock the others out."""
 
     max_connections = 64
     reap_interval = 1.0
     name = "tcp"
+    evict_log_interval = 60.0  # s between records about closing connections to make room
 
     def __init__(self, loop: EventLoop, host: str, port: int) -> None:
         self.loop = loop
         self.connections: set[Any] = set()
+        self.evicted = 0  # connections closed to make room since the last record
+        self.evict_logged = -self.evict_log_interval
+        self.accept_paused: Timer | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -121,15 +125,11 @@ class TcpServer:
         self.sock.setblocking(False)
         self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
         self.timer = self.loop.call_later(self.reap_interval, self.reap)
-        log.info("%s listening on %s:%d", self.name, host, port,
-                 extra={"event": f"{self.name}_listening", "port": port})  # fmt: skip
+        message = f"{self.name} listening on {host}:{port}"
+        log_event(log, logging.INFO, message, f"{self.name}_listening", port=port)
 
     def connect(self, sock: socket.socket) -> Connection:
         raise NotImplementedError
-
-    def refuse(self, sock: socket.socket) -> None:
-        """Too many connections: say so if the protocol can, then close."""
-        sock.close()
 
     def fds(self) -> list[int]:
         return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
@@ -141,15 +141,48 @@ class TcpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that client gave up before we took it
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.connections:
+                    self.evict()  # out of descriptors: an old client makes room for the new
+                    continue
+                # the client stays in the backlog: retry later rather than spin on it
                 log.warning("%s: accept failed: %s", self.name, exc)
+                self.pause_accept()
                 return
             sock.setblocking(False)
-            if len(self.connections) >= self.max_connections:
-                self.refuse(sock)
-                continue
+            while len(self.connections) >= self.max_connections:
+                self.evict()
             conn = self.connect(sock)
             self.connections.add(conn)
             self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
+
+    def evict(self) -> None:
+        """Close the least recently active connection (its client sees a plain close)."""
+        victim = min(self.connections, key=lambda c: c.last_active)
+        with contextlib.suppress(OSError):
+            victim.sock.recv(65536)  # input left unread would turn the close into a reset
+        victim.close()
+        self.connections.discard(victim)
+        self.evicted += 1
+        now = time.monotonic()
+        if now - self.evict_logged >= self.evict_log_interval:
+            message = (
+                f"{self.name}: {self.max_connections} connections open, closed the least "
+                f"recently active to make room ({self.evicted} since the last record)"
+            )
+            log_event(log, logging.WARNING, message, f"{self.name}_evicted", count=self.evicted)
+            self.evict_logged = now
+            self.evicted = 0
+
+    def pause_accept(self) -> None:
+        if self.accept_paused is None:
+            self.loop.remove(self.sock)
+            self.accept_paused = self.loop.call_later(1.0, self.resume_accept)
+
+    def resume_accept(self) -> None:
+        self.accept_paused = None
+        self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
 
     def reap(self) -> None:
         now = time.monotonic()
@@ -160,6 +193,8 @@ class TcpServer:
 
     def close(self) -> None:
         self.timer.cancel()
+        if self.accept_paused is not None:
+            self.accept_paused.cancel()
         for conn in list(self.connections):
             conn.close()
         self.loop.remove(self.sock)

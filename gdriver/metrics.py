@@ -7,6 +7,8 @@ Labels: ``job_name`` (a gdriver job), ``function`` (a gearmand function), ``serv
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -17,12 +19,12 @@ from prometheus_client import (
 )
 
 from gdriver import __version__
-
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+from gdriver.config import DURATION_BUCKETS
+from gdriver.gearman import FunctionStatus
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, duration_buckets: Sequence[float] = DURATION_BUCKETS) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -38,9 +40,11 @@ class Metrics:
             "gdriver_processes_max", "Configured maximum processes.", jn, registry=r
         )
         self.processes_desired = Gauge(
-            "gdriver_processes_desired", "The observer's latest target process count.", jn,
+            "gdriver_processes_desired",
+            "The observer's latest target process count.",
+            jn,
             registry=r,
-        )  # fmt: skip
+        )
         fn = ["function"]
         self.queue_jobs = Gauge(
             "gdriver_queue_jobs",
@@ -74,7 +78,7 @@ class Metrics:
             "gdriver_job_duration_seconds",
             "Time spent in a job, decode to encode.",
             ["job_name", "function"],
-            buckets=DURATION_BUCKETS,
+            buckets=tuple(duration_buckets),
             registry=r,
         )
         self.process_starts = Counter(
@@ -89,13 +93,27 @@ class Metrics:
             jn,
             registry=r,
         )
+        self.spawn_failures = Counter(
+            "gdriver_spawn_failures",
+            "Process starts that failed (fork, pipe or socketpair: fd or process limits).",
+            jn,
+            registry=r,
+        )
+        self.poison_jobs = Counter(
+            "gdriver_poison_jobs",
+            "Jobs failed without running them because their processes kept dying running them.",
+            ["job_name", "function"],
+            registry=r,
+        )
         self.job_timeouts = Counter(
             "gdriver_job_timeouts", "Jobs stopped for running past their timeout.", jn, registry=r
         )
         self.gearmand_up = Gauge(
-            "gdriver_gearmand_up", "1 if the last admin poll of this server worked.", ["server"],
+            "gdriver_gearmand_up",
+            "1 if the last admin poll of this server worked.",
+            ["server"],
             registry=r,
-        )  # fmt: skip
+        )
         self.poll_duration = Histogram(
             "gdriver_observer_poll_duration_seconds",
             "Time to poll every gearmand's status.",
@@ -104,28 +122,56 @@ class Metrics:
         )
         self.build_info = Gauge("gdriver_build_info", "gdriver version.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
-        self._functions: set[str] = set()
-        self._unknown: set[str] = set()
+        self.function_info = Gauge(
+            "gdriver_function_info",
+            "1 for each function a job serves: joins job_name to function.",
+            ["job_name", "function"],
+            registry=r,
+        )
+        self._job_functions: dict[str, frozenset[str]] = {}
+        # function -> its (waiting, running, workers) gauge children, as last set
+        self._queue: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
+        self._unknown: dict[str, Gauge] = {}
 
-    def set_queue(
-        self,
-        loads: dict[str, tuple[int, int, int]],
-        unknown: dict[str, int],
-    ) -> None:
-        """Replace the queue gauges: function -> (waiting, running, workers)."""
-        for fn in self._functions - set(loads):
+    def set_queue(self, status: Mapping[str, FunctionStatus], unknown: Mapping[str, int]) -> None:
+        """Replace the queue gauges with gearmand's merged ``status`` (function -> row) and the
+        ``unknown`` functions' waiting jobs. A function left out loses its series: after a
+        round no server answered, pass empty maps."""
+        queue = self._queue
+        for fn in [fn for fn in queue if fn not in status]:
+            del queue[fn]
             for g in (self.queue_jobs, self.queue_running, self.queue_workers):
                 g.remove(fn)
-        for fn, (waiting, running, workers) in loads.items():
-            self.queue_jobs.labels(fn).set(waiting)
-            self.queue_running.labels(fn).set(running)
-            self.queue_workers.labels(fn).set(workers)
-        self._functions = set(loads)
-        for fn in self._unknown - set(unknown):
+        for fn, row in status.items():
+            children = queue.get(fn)
+            if children is None:
+                children = queue[fn] = (
+                    self.queue_jobs.labels(fn),
+                    self.queue_running.labels(fn),
+                    self.queue_workers.labels(fn),
+                )
+            children[0].set(row.waiting)
+            children[1].set(row.running)
+            children[2].set(row.workers)
+        for fn in [fn for fn in self._unknown if fn not in unknown]:
+            del self._unknown[fn]
             self.unknown_jobs.remove(fn)
         for fn, n in unknown.items():
-            self.unknown_jobs.labels(fn).set(n)
-        self._unknown = set(unknown)
+            child = self._unknown.get(fn)
+            if child is None:
+                child = self._unknown[fn] = self.unknown_jobs.labels(fn)
+            child.set(n)
+
+    def set_functions(self, job_name: str, functions: Iterable[str]) -> None:
+        """The functions a job serves now (``gdriver_function_info``); pairs it no longer
+        has are removed."""
+        new = frozenset(functions)
+        old = self._job_functions.get(job_name, frozenset())
+        for fn in old - new:
+            self.function_info.remove(job_name, fn)
+        for fn in new - old:
+            self.function_info.labels(job_name, fn).set(1)
+        self._job_functions[job_name] = new
 
     def forget_job(self, job_name: str) -> None:
         for g in (
@@ -139,3 +185,5 @@ class Metrics:
                 g.remove(job_name)
             except KeyError:
                 pass
+        self.set_functions(job_name, ())
+        del self._job_functions[job_name]

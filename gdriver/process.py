@@ -1,20 +1,9 @@
 """What runs inside a forked worker process.
 
-The child talks to the supervisor over its own SOCK_SEQPACKET socket (one message per
-packet, never its stdout). Messages, child -> supervisor (first byte is the tag):
-
-- ``R<n>``: registered with n gearmand servers (confirmed by an ECHO round trip)
-- ``B<function>``: busy: started a job after being idle
-- ``D<json>``: finished jobs, a list of ``[outcome, seconds, function, error]``; outcome is
-  ``complete``, ``fail`` or ``exception``. Sent at least every 50 ms and before going idle,
-  so a process streaming jobs sends a few messages a second, not two per job.
-- ``I``: idle: no work for 50 ms (every connection asleep); a process that goes straight
-  from one job to the next stays busy and sends nothing between them
-- ``L<json>``: a log record, already formatted
-- ``X<reason>``: about to exit on its own (``max_jobs``, ``lifetime``)
-
-The supervisor never sends anything: it stops a child with SIGTERM (finish the current job,
-then exit) and the child stops by itself when the channel reaches EOF or the supervisor dies.
+The child reports to the supervisor over its own channel socket (messages in
+:mod:`gdriver.channel`, never its stdout). The supervisor never sends anything: it stops a child
+with SIGTERM (finish the current job, then exit) and the child stops by itself when the
+channel reaches EOF or the supervisor dies.
 """
 
 from __future__ import annotations
@@ -22,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import logging
 import os
 import select
@@ -34,13 +22,16 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
-from gdriver import logs
+from gdriver import channel as messages
+from gdriver import logs, resolver, slots
+from gdriver.codec import RES, pack
+from gdriver.codec import PacketType as P
+from gdriver.exits import EXIT_WORKER_FAILED
 from gdriver.gearman import GearmanWorker, Job, JobFailed, Server
 from gdriver.jobs import JobSpec, MethodSpec
 
 log = logging.getLogger("gdriver.process")
 
-MAX_MESSAGE = 60_000  # bytes; longer log records are cut
 FLUSH_JOBS = 64  # job reports per message at most
 GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF}
 MAX_ERROR = 512  # characters of an error message in a job report (the log has it all)
@@ -55,6 +46,10 @@ class JobTimeout(BaseException):
     does not swallow it)."""
 
 
+class ResultTypeError(TypeError):
+    """A job returned something that is not bytes, str or None, and no encode= made it bytes."""
+
+
 def to_bytes(result: Any, function: str) -> bytes:
     """Job results: bytes as is, str as UTF-8, None as empty; anything else is an error."""
     if isinstance(result, bytes):
@@ -65,31 +60,10 @@ def to_bytes(result: Any, function: str) -> bytes:
         return b""
     if isinstance(result, bytearray | memoryview):
         return bytes(result)
-    raise TypeError(
+    raise ResultTypeError(
         f"job {function} returned {type(result).__name__}; return bytes, str or None, "
         "or set encode= to turn it into bytes"
     )
-
-
-def shrink_record(line: str) -> bytes:
-    """A JSON log record cut to fit one channel message, still one valid JSON object."""
-    record = json.loads(line)
-    size = len(line.encode("utf-8", "replace"))
-    for key in sorted(record, key=lambda k: -len(str(record[k]))):
-        if size <= MAX_MESSAGE:
-            break
-        value = record[key]
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        keep = max(0, len(text) - (size - MAX_MESSAGE) - 64) // 4  # characters of <= 4 bytes
-        record[key] = text[:keep] + f" [truncated {len(text) - keep} characters]"
-        size = len(json.dumps(record, ensure_ascii=False, default=str).encode())
-    data = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "replace")
-    if len(data) > MAX_MESSAGE:  # too many fields to shrink: keep what identifies the record
-        keys = ("timestamp", "level", "logger", "pid", "job_name")
-        small = {k: record[k] for k in keys if k in record}
-        small["message"] = "log record too large to forward"
-        data = json.dumps(small, ensure_ascii=False, default=str).encode()
-    return data
 
 
 def error_text(exc: BaseException) -> str:
@@ -119,6 +93,7 @@ class Child:
         self.timing = False  # the job's timeout alarm is armed
         self.idle_since: float | None = None  # monotonic; set while idle but still reported busy
         self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
+        self.slot = slots.child_slot()  # the running job and finished ones, for the supervisor
         self.last_flush = time.monotonic()
 
     # -- channel -----------------------------------------------------------------------------
@@ -136,10 +111,7 @@ class Child:
                 return  # anything else (e.g. EMSGSIZE): this message is lost, not the process
 
     def send_log(self, line: str) -> None:
-        data = line.encode("utf-8", "replace")
-        if len(data) > MAX_MESSAGE:
-            data = shrink_record(line)
-        self.send(b"L" + data)
+        self.send(messages.encode_log(line))
 
     def on_alarm(self, signum: int, frame: Any) -> None:
         if self.timing:  # only while the job itself runs, never in its hooks
@@ -153,13 +125,8 @@ class Child:
             self.send_reports(batch)
 
     def send_reports(self, batch: list[tuple[str, float, str, str]]) -> None:
-        data = b"D" + json.dumps(batch, ensure_ascii=False).encode("utf-8", "replace")
-        if len(data) > MAX_MESSAGE and len(batch) > 1:  # keep each message in one read
-            half = len(batch) // 2
-            self.send_reports(batch[:half])
-            self.send_reports(batch[half:])
-        else:
-            self.send(data[:MAX_MESSAGE] if len(data) > MAX_MESSAGE else data)
+        for data in messages.encode_done(batch):
+            self.send(data)
 
     def on_idle(self) -> float | None:
         """The worker has nothing to do. After IDLE_AFTER s of that, report the finished jobs
@@ -178,7 +145,7 @@ class Child:
         self.flush()
         if self.busy_reported:
             self.busy_reported = False
-            self.send(b"I")
+            self.send(messages.encode_idle())
 
     def until_deadline(self, now: float) -> float | None:
         return max(0.0, self.deadline - now) if self.deadline else None
@@ -205,6 +172,8 @@ class Child:
                 data = b""
             if not data:
                 self.stop_requested = True  # EOF: the supervisor is gone
+            elif data.startswith(resolver.UPDATE_TAG):
+                resolver.apply_message(data)  # a gearmand name's addresses changed
         else:
             try:
                 while os.read(fd, 512):
@@ -221,9 +190,11 @@ class Child:
         decode = getattr(worker, method.decode) if method.decode else None
         encode = getattr(worker, method.encode) if method.encode else None
         function = method.function
-        busy_msg = b"B" + function.encode()
+        busy_msg = messages.encode_busy(function)
         timeout = self.spec.timeout
         send = self.send
+        index = self.spec.methods.index(method)
+        begin = self.slot.begin
 
         def handle(job: Job) -> bytes:
             try:
@@ -240,7 +211,11 @@ class Child:
             elif self.finished and time.monotonic() - self.last_flush > FLUSH_AFTER:
                 self.flush()  # reports of earlier jobs must not wait for this one
             start = time.perf_counter()
-            outcome, message, data = "complete", "", b""
+            unique = job.unique.encode("utf-8", "surrogateescape")
+            poisoned = begin(index, function, job._handle, unique, start)
+            if poisoned:
+                self.refuse(job, function, poisoned, start)
+            data = b""
             workload: Any = job.workload
             error: BaseException | None = None
             try:
@@ -261,43 +236,65 @@ class Child:
                 self.timing = False
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            if error is not None:
-                outcome, message = "exception", error_text(error)
-                if isinstance(error, SystemExit):
-                    # the job asked its process to end: fail this job, then exit cleanly
-                    message = f"job called exit({error.code})"
-                    self.stop_requested, self.stop_reason = True, "exit"
-                elif isinstance(error, JobTimeout):
-                    self.stop_requested = True  # the job's state may be broken: start afresh
-                    self.stop_reason = "timeout"
-                elif isinstance(error, TypeError) and str(error).startswith(
-                    f"job {function} returned"
-                ):
-                    outcome = "fail"
-                log.error(
-                    "job %s failed: %s", function, message,
-                    exc_info=(type(error), error, error.__traceback__)
-                    if outcome == "exception" and not isinstance(error, SystemExit)
-                    else None,
-                    extra={"function": function},
-                )  # fmt: skip
-                _guarded(worker.on_exception, job, workload, error)
-            _guarded(worker.end, job, workload, error)
-            self.jobs_done += 1
-            self.finished.append(
-                (outcome, time.perf_counter() - start, function, message[:MAX_ERROR])
-            )
-            if (
-                outcome != "complete"  # errors show in the console at once
-                or len(self.finished) >= FLUSH_JOBS
-                or time.monotonic() - self.last_flush > FLUSH_AFTER
-            ):
-                self.flush()
+            message = self.job_finished(job, workload, error, function, start)
             if error is not None:
                 raise JobFailed(message.encode("utf-8", "replace"))
             return data
 
         return handle
+
+    def job_finished(
+        self, job: Job, workload: Any, error: BaseException | None, function: str, start: float
+    ) -> str:
+        """Run the end hooks, queue the job's report; the error message ("" when it worked)."""
+        worker = self.spec.worker
+        outcome, message = "complete", ""
+        if error is not None:
+            outcome, message = self.job_failed(function, error)
+            _guarded(worker.on_exception, job, workload, error)
+        _guarded(worker.end, job, workload, error)
+        self.jobs_done += 1
+        seconds = time.perf_counter() - start
+        self.slot.finish(outcome, seconds)  # a death before the flush loses no report
+        self.finished.append((outcome, seconds, function, message[:MAX_ERROR]))
+        if (
+            outcome != "complete"  # errors show in the console at once
+            or len(self.finished) >= FLUSH_JOBS
+            or time.monotonic() - self.last_flush > FLUSH_AFTER
+        ):
+            self.flush()
+        return message
+
+    def refuse(self, job: Job, function: str, why: str, start: float) -> NoReturn:
+        """Fail a poison job without running it (``gdriver.poison``): the supervisor logs it."""
+        self.send(messages.encode_poisoned(function, job.handle, job.unique))
+        self.jobs_done += 1
+        seconds = time.perf_counter() - start
+        self.slot.finish("fail", seconds)
+        self.finished.append(("fail", seconds, function, why[:MAX_ERROR]))
+        self.flush()
+        raise JobFailed(why.encode("utf-8", "replace"))
+
+    def job_failed(self, function: str, error: BaseException) -> tuple[str, str]:
+        """Log a failed job and decide what follows: (outcome, message)."""
+        outcome, message = "exception", error_text(error)
+        if isinstance(error, SystemExit):
+            # the job asked its process to end: fail this job, then exit cleanly
+            message = f"job called exit({error.code})"
+            self.stop_requested, self.stop_reason = True, "exit"
+        elif isinstance(error, JobTimeout):
+            self.stop_requested = True  # the job's state may be broken: start afresh
+            self.stop_reason = "timeout"
+        elif isinstance(error, ResultTypeError):
+            outcome = "fail"
+        log.error(
+            "job %s failed: %s", function, message,
+            exc_info=(type(error), error, error.__traceback__)
+            if outcome == "exception" and not isinstance(error, SystemExit)
+            else None,
+            extra={"function": function},
+        )  # fmt: skip
+        return outcome, message
 
 
 def _guarded(hook: Callable[..., Any], *args: Any) -> None:
@@ -380,13 +377,10 @@ def warm_up() -> None:
 WARM_UP_JOBS = 16  # past CPython's specialisation threshold
 
 
-def _reply(ptype: int, body: bytes = b"") -> bytes:
-    return b"\0RES" + ptype.to_bytes(4, "big") + len(body).to_bytes(4, "big") + body
-
-
-WARM_UP_REPLIES = (
-    _reply(17, b"gdriver")  # ECHO_RES
-    + b"".join(_reply(31, b"H:warm:%d\0warm_up\0\0x" % i) for i in range(WARM_UP_JOBS))
+# what gearmand answers the worker: the registration's ECHO, then one job per grab
+WARM_UP_REPLIES = pack(P.ECHO_RES, b"gdriver", magic=RES) + b"".join(
+    pack(P.JOB_ASSIGN_UNIQ, b"H:warm:%d" % i, b"warm_up", b"", b"x", magic=RES)
+    for i in range(WARM_UP_JOBS)
 )
 
 
@@ -413,50 +407,12 @@ def run(
         for name in CHILD_ENV_DROP:
             os.environ.pop(name, None)
         logs.setup_child(child.send_log, spec.name, loglevel)
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-
-        def on_stop(signum: int, frame: Any) -> None:
-            child.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
-            signal.signal(sig, on_stop)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGALRM, child.on_alarm)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblock)  # the supervisor blocked them to fork
-
-        title = spec.worker.process_name(_title(), spec.name)
-        if isinstance(title, str) and title:
-            import setproctitle
-
-            setproctitle.setproctitle(title)
-
-        functions = {m.function: child.handler(m) for m in spec.methods}
-        worker = GearmanWorker(servers, functions, client_id=f"gdriver:{spec.name}:{os.getpid()}")
-        worker.poll_interval = 5.0  # signals and the channel wake it; idle children stay asleep
-
-        def on_registered(n: int) -> None:
-            child.send(b"R%d" % n)
-
-        channel.setblocking(False)
-        try:
-            worker.work(
-                child.should_stop,
-                wake_fds=(wake_r, channel.fileno()),
-                on_wake=child.on_wake,
-                on_registered=on_registered,
-                on_idle=child.on_idle,
-            )
-        finally:
-            worker.close()
-        channel.setblocking(True)
-        child.report_idle()
-        if child.stop_reason:
-            child.send(b"X" + child.stop_reason.encode())
+        wake_fd = _handle_signals(child, unblock)
+        _set_title(spec)
+        spec.worker.after_fork()  # per-process connections, before registering
+        _serve(child, servers, wake_fd)
     except BaseException:
-        code = 3
+        code = EXIT_WORKER_FAILED
         try:
             log.critical("worker process failed:\n%s", traceback.format_exc())
         except Exception:
@@ -468,6 +424,59 @@ def run(
             except Exception:
                 pass
     os._exit(code)
+
+
+def _handle_signals(child: Child, unblock: Iterable[int]) -> int:
+    """The child's own signal handlers; the fd a signal makes readable (wakes the worker)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+
+    def on_stop(signum: int, frame: Any) -> None:
+        child.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, child.on_alarm)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.pthread_sigmask(signal.SIG_SETMASK, unblock)  # the supervisor blocked them to fork
+    return wake_r
+
+
+def _set_title(spec: JobSpec) -> None:
+    title = spec.worker.process_name(_title(), spec.name)
+    if isinstance(title, str) and title:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+
+
+def _serve(child: Child, servers: list[Server], wake_fd: int) -> None:
+    """Register the job's functions and run jobs until the child stops; then say why."""
+    spec, channel = child.spec, child.channel
+    functions = {m.function: child.handler(m) for m in spec.methods}
+    worker = GearmanWorker(servers, functions, client_id=f"gdriver:{spec.name}:{os.getpid()}")
+    worker.poll_interval = 5.0  # signals and the channel wake it; idle children stay asleep
+
+    def on_registered(n: int) -> None:
+        child.send(messages.encode_registered(n))
+
+    channel.setblocking(False)
+    try:
+        worker.work(
+            child.should_stop,
+            wake_fds=(wake_fd, channel.fileno()),
+            on_wake=child.on_wake,
+            on_registered=on_registered,
+            on_idle=child.on_idle,
+        )
+    finally:
+        worker.close()
+    channel.setblocking(True)
+    child.report_idle()
+    if child.stop_reason:
+        child.send(messages.encode_exiting(child.stop_reason))
 
 
 def _title() -> str:

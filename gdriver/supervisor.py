@@ -1,7 +1,9 @@
 """The supervisor: one process, one event loop; forks, watches, scales and drains workers.
 
-Signals are only queued by their handlers and dispatched in the loop (``handle_<name>``).
-No thread is ever started here, so forking is safe.
+Signals are only queued by their handlers and dispatched in the loop by ``handle_signals``
+(SIGHUP reloads, the stop signals drain). No thread is ever started here, so forking is safe.
+The admin polling of gearmand lives in ``poller.py``, each child's pipes in ``childio.py``,
+the meaning of an exit in ``exits.py``.
 """
 
 from __future__ import annotations
@@ -9,38 +11,39 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
-import json
 import logging
 import os
 import random
 import selectors
 import signal
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from functools import partial
 from typing import Any
 
-from gdriver import config, loader, logs, observer, process
-from gdriver.gearman import AdminRequest, FunctionStatus, parse_status
+from prometheus_client import CollectorRegistry
+
+from gdriver import config, exits, loader, observer, process, reload, resolver, resources, spawn
+from gdriver.attributes import PROCESS_LIMIT
+from gdriver.childio import Children
 from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
-from gdriver.loop import EventLoop
+from gdriver.logs import log_event
+from gdriver.loop import EventLoop, TcpServer
 from gdriver.metrics import Metrics
+from gdriver.poison import PoisonBook
+from gdriver.poller import Concern, GearmandPoller, Status
+from gdriver.reports import Reports
+from gdriver.resolver import Resolver
+from gdriver.slots import Board
 from gdriver.systemd import Notifier
 from gdriver.waker import Waker
 from gdriver.worker import Worker, name_prefix
 
 log = logging.getLogger("gdriver")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)  # ABRT: as Perl
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGCHLD)
-YOUNG = 2.0  # s: a process dying sooner than this, without finishing a job, died young
-BACKOFF_BASE = 0.25
-BACKOFF_MAX = 30.0
-REPOLL_MIN_GAP = 0.2  # s between observer polls triggered by busy processes
 KILL_GRACE = 3.0  # s between TERM and KILL for a hung job
-OUTPUT_LINE_MAX = 64 * 1024
 
 
 class Driver:
@@ -62,28 +65,27 @@ class Driver:
         self.manual_specs: list[JobSpec] = []
         self.loaded = False
         self.loop = EventLoop()
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.settings.duration_buckets)
         self.notifier = Notifier()
         self.procs: dict[int, Process] = {}
-        self.fds: dict[int, dict[str, Any]] = {}  # pid -> channel socket and output pipes
+        self.children = Children()  # pid -> its channel socket and output pipes
         self.signals: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
-        self.exit_code = 0
         self.generation = 0
-        self.listeners: list[Any] = []  # objects with fds(); closed in children
+        self.listeners: list[TcpServer] = []  # the console and HTTP; closed in children
         self.wakers: list[Waker] = []
-        self.poll_requests: list[AdminRequest] = []
-        self.poll_started = 0.0
-        self.poll_timer: Any = None
-        self.repoll_wanted = False
-        self.gearmand_up: dict[str, bool] = {}
-        self.last_status: Mapping[str, FunctionStatus] = {}
-        self.job_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.resolver = Resolver(self.loop, self.children.broadcast)
+        s = self.settings
+        self.poller = GearmandPoller(self.loop, self.metrics, self.on_status, s.servers, s.interval,
+                                     self.concern)  # fmt: skip
         self.removed_jobs: set[str] = set()
         self.last_unknown: dict[str, int] = {}
         self.ready = False
-        self.started = time.time()
+        self.spawn_failures = spawn.SpawnFailures(self.metrics)
+        self.reports = Reports(self)  # what the processes say over their channels
+        self.board = Board(PROCESS_LIMIT)  # each process's running job, shared with it
+        self.poison = PoisonBook(self.board, self.metrics, lambda: self.settings.poison_threshold)
         self._wake_r = self._wake_w = -1
         self._last_housekeeping = 0.0
 
@@ -117,17 +119,14 @@ class Driver:
             specs.append(MethodSpec(prefix + m["name"], m["name"], body, encode, decode))
         if not specs:
             raise ValueError(f"job {prefix + name}: no methods")
-        low = 1 if min_processes is None else min_processes
-        high = max(1, low) if max_processes is None else max_processes
-        for what, value in (("min_processes", low), ("max_processes", high)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"job {prefix + name}: {what} must be an integer >= 0")
-        if low > high:
-            raise ValueError(f"job {prefix + name}: min_processes {low} > max_processes {high}")
-        spec = JobSpec(
-            name=prefix + name, worker=worker, methods=specs, min_processes=low,
-            max_processes=high, key=f"{loader.class_key(type(worker))}.{name}", **limits,
-        )  # fmt: skip
+        spec = JobSpec(name=prefix + name, worker=worker, methods=specs,
+                       key=f"{loader.class_key(type(worker))}.{name}")  # fmt: skip
+        given = {"min_processes": min_processes, "max_processes": max_processes, **limits}
+        try:
+            loader.apply_attributes(spec, given)  # the per-job attribute schema
+        except loader.LoadError as exc:
+            raise ValueError(str(exc)) from None
+        low, high = spec.min_processes, spec.max_processes
         loader.check_unique([*(j.spec for j in self.jobs.values()), spec])
         self.manual_specs.append(spec)
         job = JobState(spec, low, high)
@@ -153,6 +152,8 @@ class Driver:
         """Import the namespaces and build the jobs (raises loader.LoadError)."""
         if self.loaded:
             return
+        with contextlib.suppress(ValueError):  # not the main thread: the caller's signals
+            signal.signal(signal.SIGHUP, self._on_signal)  # a reload once running, not death
         s = self.settings
         specs = loader.load(
             s.namespaces, s.lib, s.worker_options, s.job_runtime_attributes, s.server, self.wanted
@@ -160,8 +161,8 @@ class Driver:
         loader.check_unique([*self.manual_specs, *specs])
         for spec in specs:
             self.jobs[spec.name] = JobState(spec, spec.min_processes, spec.max_processes)
-            log.debug("added job %s (min %d, max %d)", spec.name, spec.min_processes,
-                      spec.max_processes)  # fmt: skip
+            low, high = spec.min_processes, spec.max_processes
+            log.debug("added job %s (min %d, max %d)", spec.name, low, high)
         self.loaded = True
 
     # -- main loop -----------------------------------------------------------------------------
@@ -169,14 +170,18 @@ class Driver:
         """Run until stopped; returns the exit status (0 after a graceful stop)."""
         self.load()
         self.setup()
-        log.info(
+        log_event(
+            log,
+            logging.INFO,
             "gdriver started",
-            extra={"event": "started", "jobs": sorted(self.jobs), "server": self.settings.server},
+            "started",
+            jobs=sorted(self.jobs),
+            server=self.settings.server,
         )
         for job in self.get_jobs():
             self.update_static_gauges(job)
             self.ensure_min(job, "min")
-        self.loop.call_later(0.2, self.start_poll)
+        self.loop.call_later(0.2, self.poller.start)
         max_wait = 1.0
         if self.notifier.watchdog_interval:
             max_wait = min(max_wait, self.notifier.watchdog_interval / 2)
@@ -188,10 +193,14 @@ class Driver:
             if self.stopping and not self.procs:
                 break
         self.teardown()
-        log.info("gdriver stopped", extra={"event": "stopped", "status": self.exit_code})
-        return self.exit_code
+        log_event(log, logging.INFO, "gdriver stopped", "stopped", status=0)
+        return 0
 
     def setup(self) -> None:
+        """Listen (``resources.StartError`` when a port is taken: nothing else started yet),
+        raise the descriptor limit, install the signal handlers, start the resolver."""
+        self.listen()
+        self.check_resources()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -201,25 +210,46 @@ class Driver:
             signal.signal(sig, self._on_signal)
         self.loop.add(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
         s = self.settings
-        if s.console_port:
-            from gdriver.console import ConsoleServer
-
-            self.listeners.append(ConsoleServer(self, s.console_bind, s.console_port))
-        if s.metrics_port:
-            from gdriver.http import HttpServer
-
-            self.listeners.append(HttpServer(self, s.metrics_bind, s.metrics_port))
+        resolver.install(self.resolver)  # names resolve off the loop from now on
+        self.resolver.start()
+        self.resolver.watch(s.servers)
+        self.resolver.settle(0.5)  # /etc/hosts answers in ms: the first workers know their servers
         self.make_wakers()
         process.warm_up()
         gc.collect()
         gc.freeze()  # keep the imported code's pages shared after fork
+
+    def listen(self) -> None:
+        from gdriver.console import ConsoleServer
+        from gdriver.http import HttpServer
+
+        s = self.settings
+        wanted = [("console", ConsoleServer, s.console_bind, s.console_port),
+                  ("metrics", HttpServer, s.metrics_bind, s.metrics_port)]  # fmt: skip
+        for what, server, host, port in wanted:
+            if not port:
+                continue
+            try:
+                self.listeners.append(server(self, host, port))
+            except OSError as exc:
+                for listener in self.listeners:
+                    listener.close()
+                self.listeners = []
+                raise resources.bind_error(what, host, port, exc) from None
+
+    def check_resources(self) -> None:
+        """The most processes the jobs may run, against the descriptor limit."""
+        s = self.settings
+        most = min(s.max_total_processes, sum(j.max_processes for j in self.jobs.values()))
+        connections = sum(getattr(x, "max_connections", 0) for x in self.listeners)
+        resources.check_nofile(most, len(s.servers), connections)
 
     def make_wakers(self) -> None:
         for w in self.wakers:
             w.close()
         self.wakers = []
         if self.settings.interval > 0:
-            self.wakers = [Waker(s, self.loop, self.request_poll) for s in self.settings.servers]
+            self.wakers = [Waker(s, self.loop, self.poller.request) for s in self.settings.servers]
 
     def teardown(self) -> None:
         for w in self.wakers:
@@ -227,10 +257,9 @@ class Driver:
         for listener in self.listeners:
             with contextlib.suppress(Exception):
                 listener.close()
-        for r in self.poll_requests:
-            with contextlib.suppress(Exception):
-                self.loop.remove(r)
-                r.close()
+        self.poller.close()
+        self.resolver.close()
+        resolver.install(None)
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -252,7 +281,7 @@ class Driver:
         while self.signals:
             signum = self.signals.pop(0)
             if signum == signal.SIGHUP:
-                self.handle_hup()
+                reload.handle_hup(self)
             else:
                 self.begin_stop(signal.Signals(signum).name)
 
@@ -263,86 +292,22 @@ class Driver:
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
         self.notifier.notify_stopping()
-        log.info(
-            "draining: in-flight jobs finish, then exit",
-            extra={"event": "stopping", "reason": why, "processes": len(self.procs),
-                   "graceful_timeout": self.settings.graceful_timeout},
-        )  # fmt: skip
-        if self.poll_timer is not None:
-            self.poll_timer.cancel()
+        message = "draining: in-flight jobs finish, then exit"
+        log_event(
+            log,
+            logging.INFO,
+            message,
+            "stopping",
+            reason=why,
+            processes=len(self.procs),
+            graceful_timeout=self.settings.graceful_timeout,
+        )
+        self.poller.stop()
         for w in self.wakers:
             w.close()
         self.wakers = []
         for proc in list(self.procs.values()):
             self.stop_process(proc, "shutdown")
-
-    def handle_hup(self) -> None:
-        if self.stopping:
-            return
-        if self.reload_settings is None:
-            log.warning("SIGHUP: no configuration source to reload from; ignored")
-            return
-        self.notifier.notify_reloading()
-        try:
-            new = self.reload_settings()
-            specs = loader.load(
-                new.namespaces, new.lib, new.worker_options, new.job_runtime_attributes,
-                new.server, self.wanted,
-            )  # fmt: skip
-            loader.check_unique([*self.manual_specs, *specs])
-        except (config.ConfigError, loader.LoadError) as exc:
-            log.error("reload refused, the running configuration stays: %s", exc,
-                      extra={"event": "reload_failed"})  # fmt: skip
-            self.notifier.notify_ready()
-            return
-        self.apply_reload(new, specs)
-        self.notifier.ready = False
-        self.ready = False
-
-    def apply_reload(self, new: config.Settings, specs: list[JobSpec]) -> None:
-        old = self.settings
-        self.settings = new
-        fixed = ("console_port", "console_bind", "metrics_port", "metrics_bind", "daemonize",
-                 "pidfile", "logfile")  # fmt: skip
-        changed = [k for k in fixed if getattr(old, k) != getattr(new, k)]
-        if changed:
-            log.warning("reload: %s take effect at the next start", ", ".join(changed))
-        logging.getLogger().setLevel(new.loglevel)
-        self.generation += 1
-        by_name = {s.name: s for s in specs}
-        for name in list(self.jobs):
-            job = self.jobs[name]
-            if name in by_name or job.spec in self.manual_specs:
-                continue
-            log.info("reload: job %s is gone; stopping its processes", name)
-            for proc in job.live():
-                self.stop_process(proc, "reload")
-            job.min_processes = job.max_processes = 0
-            self.removed_jobs.add(name)
-            self.forget_removed(job)
-        for spec in specs:
-            self.removed_jobs.discard(spec.name)
-            known = self.jobs.get(spec.name)
-            if known is None:
-                known = JobState(spec, spec.min_processes, spec.max_processes)
-                self.jobs[spec.name] = known
-            else:
-                known.spec = spec
-                known.min_processes, known.max_processes = spec.min_processes, spec.max_processes
-            self.update_static_gauges(known)
-        if new.servers != old.servers:
-            for name in set(self.gearmand_up) - {f"{h}:{p}" for h, p in new.servers}:
-                del self.gearmand_up[name]
-                with contextlib.suppress(KeyError):
-                    self.metrics.gearmand_up.remove(name)
-        if new.servers != old.servers or new.interval != old.interval:
-            self.make_wakers()
-            self.reschedule_poll(0.0)
-        log.info("configuration reloaded; replacing processes one by one",
-                 extra={"event": "reloaded", "generation": self.generation})  # fmt: skip
-        for job in self.get_jobs():
-            self.ensure_min(job, "min")
-        self.start_poll()
 
     def forget_removed(self, job: JobState) -> None:
         """A job dropped by a reload leaves the tables once its last process is gone."""
@@ -354,103 +319,57 @@ class Driver:
     # -- processes -----------------------------------------------------------------------------
     def child_fds(self) -> list[int]:
         """Descriptors of the supervisor that a new child must close."""
-        fds = [self.loop.fileno(), self._wake_r, self._wake_w]
-        for entry in self.fds.values():
-            fds.extend(entry["all"])
-        for listener in [*self.listeners, *self.wakers]:
+        fds = [self.loop.fileno(), self._wake_r, self._wake_w, *self.poller.fds()]
+        fds.extend(self.resolver.fds())
+        for io in self.children.values():
+            fds.extend(io.fds())
+        for listener in self.listeners:
             fds.extend(listener.fds())
-        for r in self.poll_requests:
-            with contextlib.suppress(Exception):
-                fds.append(r.fileno())
+        for waker in self.wakers:
+            fds.extend(waker.fds())
         return fds
 
     def spawn(self, job: JobState, reason: str) -> Process | None:
-        s = self.settings
-        spec = job.spec
-        max_jobs = spec.max_jobs_per_process
-        if max_jobs is None:
-            max_jobs = s.max_jobs_per_process
-        lifetime = spec.max_process_lifetime
-        if lifetime is None:
-            lifetime = s.max_process_lifetime
-        # jitter so processes do not all recycle at once
-        if max_jobs:
-            max_jobs += random.randint(0, max(1, max_jobs // 10))
-        if lifetime:
-            lifetime += random.uniform(0, lifetime * 0.1)
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        inherited = self.child_fds()
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
-            parent_sock.close()
-            child_sock.close()
-            log.error("fork failed for job %s: %s", job.name, exc)
-            job.next_start = time.monotonic() + 1.0
+        """Fork one worker process of ``job`` (``spawn.fork_worker``); returns it, or None
+        when it cannot: max_total_processes reached, or the fork or its pipes failed (the
+        job then backs off, ``spawn.SpawnFailures``). The supervisor records the process and
+        reads its channel and output from the loop (``on_message``, ``childio.ChildIO``)."""
+        if len(self.procs) >= self.settings.max_total_processes:
             return None
-        if pid == 0:  # the child
-            try:
-                signal.set_wakeup_fd(-1)
-                for sig in HANDLED_SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)
-                for fd in [*inherited, out_r, err_r, parent_sock.fileno()]:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, 0)
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                for fd in (devnull, out_w, err_w):
-                    os.close(fd)
-                process.run(
-                    spec, s.servers, child_sock, max_jobs, lifetime,
-                    logging.getLogger().level, unblock=old_mask,
-                )  # fmt: skip
-            finally:
-                os._exit(3)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        child_sock.close()
-        os.close(out_w)
-        os.close(err_w)
+        max_jobs, lifetime = recycle_limits(job.spec, self.settings)
+        slot = self.board.claim()
+        try:
+            pid, io = spawn.fork_worker(job.spec, self.settings.servers, self.child_fds(),
+                                        HANDLED_SIGNALS, max_jobs, lifetime)  # fmt: skip
+        except OSError as exc:
+            self.board.unclaim(slot)
+            job.next_start = time.monotonic() + self.spawn_failures.failed(job.name, exc)
+            return None
+        self.board.bind(pid, slot)
+        self.spawn_failures.started(job.name)
         now = time.monotonic()
         proc = Process(pid=pid, job_name=job.name, started=now, generation=self.generation)
         job.processes[pid] = proc
         self.procs[pid] = proc
-        parent_sock.setblocking(False)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        entry: dict[str, Any] = {
-            "channel": parent_sock,
-            "out": out_r,
-            "err": err_r,
-            "buf": {out_r: bytearray(), err_r: bytearray()},
-            "all": [parent_sock.fileno(), out_r, err_r],
-        }
-        self.fds[pid] = entry
-        self.loop.add(parent_sock, selectors.EVENT_READ, partial(self.on_channel_event, proc))
-        self.loop.add(out_r, selectors.EVENT_READ, partial(self.on_output_event, proc, out_r))
-        self.loop.add(err_r, selectors.EVENT_READ, partial(self.on_output_event, proc, err_r))
+        io.attach(self.loop, pid, job.name, partial(self.reports.on_message, proc))
+        self.children[pid] = io
         self.metrics.process_starts.labels(job.name).inc()
         self.update_wakers()  # unregister the waker before the new process registers
-        log.info("process started", extra={"event": "process_started", "pid": pid,
-                                           "job_name": job.name, "reason": reason})  # fmt: skip
+        log_event(log, logging.INFO, "process started", "process_started", pid=pid,
+                  job_name=job.name, reason=reason)  # fmt: skip
         return proc
 
     def stop_process(self, proc: Process, reason: str, sig: int = signal.SIGTERM) -> None:
-        """Ask a process to stop: it finishes its current job first (SIGTERM)."""
+        """Ask a process to stop: it finishes its current job first (SIGTERM, and EOF on its
+        channel for code that ignores SIGTERM; ``escalate`` kills it if it stays)."""
         if not proc.retiring:
             proc.retiring = True
             proc.term_sent = time.monotonic()
-            proc.kill_reason = proc.kill_reason or reason
+            proc.stop_reason = proc.stop_reason or reason
+            io = self.children.get(proc.pid)
+            if io is not None:
+                io.stop_child()
+        proc.kill_sent = proc.kill_sent or sig == signal.SIGKILL
         try:
             os.kill(proc.pid, sig)
         except ProcessLookupError:
@@ -463,146 +382,21 @@ class Driver:
         missing = job.min_processes - len(job.live())
         if missing <= 0:
             return
-        now = time.monotonic()
-        if now < job.next_start:
-            if job.backoff_timer is None:
-
-                def retry(j: JobState = job) -> None:
-                    j.backoff_timer = None
-                    self.ensure_min(j, "replace")
-
-                job.backoff_timer = self.loop.call_at(job.next_start, retry)
-            return
-        started = 0
-        for _ in range(missing):
-            if self.spawn(job, reason) is not None:
+        if time.monotonic() >= job.next_start:
+            started = 0
+            while started < missing and self.spawn(job, reason) is not None:
                 started += 1
-        if started:
-            self.metrics.scaling.labels(job.name, "up", reason).inc(started)
+            if started:
+                self.metrics.scaling.labels(job.name, "up", reason).inc(started)
+            if started == missing or time.monotonic() >= job.next_start:
+                return  # all started, or max_total_processes reached: a poll retries
+        if job.backoff_timer is None:  # crash-loop or failed-start backoff: retry then
 
-    # -- messages from children ----------------------------------------------------------------
-    def on_channel_event(self, proc: Process, mask: int) -> None:
-        self.on_channel(proc)
+            def retry(j: JobState = job) -> None:
+                j.backoff_timer = None
+                self.ensure_min(j, "replace")
 
-    def on_output_event(self, proc: Process, fd: int, mask: int) -> None:
-        self.on_output(proc, fd)
-
-    def on_channel(self, proc: Process) -> None:
-        entry = self.fds.get(proc.pid)
-        if entry is None:
-            return
-        sock: socket.socket = entry["channel"]
-        for _ in range(256):  # bounded: let other work in between
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.loop.remove(sock)
-                return
-            self.on_message(proc, data)
-
-    def on_message(self, proc: Process, data: bytes) -> None:
-        tag = data[:1]
-        job = self.jobs.get(proc.job_name)
-        if job is None:
-            return
-        now = time.monotonic()
-        if tag == b"B":
-            proc.busy = True
-            proc.busy_since = now
-            if (
-                not self.stopping
-                and self.settings.interval > 0
-                and len(job.processes) < job.max_processes
-                and all(p.busy for p in job.live())
-            ):
-                self.request_poll()
-        elif tag == b"D":
-            try:
-                batch = json.loads(data[1:])
-            except ValueError:
-                return
-            proc.busy_since = now
-            self.on_jobs_done(job, proc, batch)
-        elif tag == b"I":
-            proc.busy = False
-            proc.idle_since = now
-        elif tag == b"L":
-            logs.write_line(data[1:] + b"\n")
-        elif tag == b"R":
-            n = int(data[1:] or b"0")
-            was = proc.registered
-            proc.registered = n > 0
-            if proc.registered and not was and proc.idle_since is None:
-                proc.idle_since = now
-        elif tag == b"X":
-            proc.kill_reason = proc.kill_reason or data[1:].decode("ascii", "replace")
-
-    def on_jobs_done(self, job: JobState, proc: Process, batch: list[list[Any]]) -> None:
-        now = time.time()
-        cache = self.job_metrics
-        for outcome, seconds, function, message in batch:
-            proc.jobs_done += 1
-            job.lastrun = now
-            job.failures = 0
-            if outcome != "complete":
-                job.lasterror = now
-                job.lasterror_msg = message.splitlines()[0] if message else outcome
-            key = (job.name, function, outcome)
-            children = cache.get(key)
-            if children is None:  # labels() is costly: look each series up once
-                children = cache[key] = (
-                    self.metrics.jobs.labels(*key),
-                    self.metrics.job_duration.labels(job.name, function),
-                )
-            children[0].inc()
-            children[1].observe(seconds)
-
-    def on_output(self, proc: Process, fd: int, final: bool = False) -> None:
-        """A worker's stdout/stderr: each line becomes one JSON record."""
-        entry = self.fds.get(proc.pid)
-        if entry is None:
-            return
-        buf: bytearray = entry["buf"][fd]
-        stream = "stdout" if fd == entry["out"] else "stderr"
-        eof = False
-        for _ in range(64):
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                chunk = b""
-            if not chunk:
-                eof = True
-                break
-            buf += chunk
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                if len(buf) >= OUTPUT_LINE_MAX or ((eof or final) and buf):
-                    nl = min(len(buf), OUTPUT_LINE_MAX)
-                    self.output_record(proc, stream, bytes(buf[:nl]))
-                    del buf[:nl]
-                    continue
-                break
-            self.output_record(proc, stream, bytes(buf[:nl]))
-            del buf[: nl + 1]
-        if eof:
-            self.loop.remove(fd)
-
-    def output_record(self, proc: Process, stream: str, line: bytes) -> None:
-        logs.write_record({
-            "level": "INFO" if stream == "stdout" else "WARNING",
-            "logger": "gdriver.output",
-            "message": line.decode("utf-8", "replace").rstrip("\r"),
-            "pid": proc.pid,
-            "job_name": proc.job_name,
-            "stream": stream,
-        })  # fmt: skip
+            job.backoff_timer = self.loop.call_at(job.next_start, retry)
 
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
@@ -618,149 +412,81 @@ class Driver:
                 self.on_exit(proc, status)
 
     def on_exit(self, proc: Process, status: int) -> None:
+        """A reaped worker process: read its last words, drop it from its job, log and count
+        the exit (``exits.classify``), and replace it.
+
+        Unasked deaths of young processes (``exits.crash_loop``) delay the job's next start,
+        longer for each one in a row. Retired and killed processes are replaced only up to
+        min; a job a reload removed leaves the tables with its last process."""
         now = time.monotonic()
-        entry = self.fds.pop(proc.pid, None)
-        if entry is not None:
-            self.fds[proc.pid] = entry  # still readable for the last words
-            self.on_channel(proc)
-            for fd in (entry["out"], entry["err"]):
-                self.on_output(proc, fd, final=True)
-            del self.fds[proc.pid]
-            self.loop.remove(entry["channel"])
-            entry["channel"].close()
-            for fd in (entry["out"], entry["err"]):
-                self.loop.remove(fd)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        io = self.children.pop(proc.pid, None)
+        if io is not None:
+            io.close()
         job = self.jobs.get(proc.job_name)
         if job is not None:
             job.processes.pop(proc.pid, None)
-        extra: dict[str, Any] = {"event": "process_exited", "pid": proc.pid,
-                                 "job_name": proc.job_name}  # fmt: skip
-        if os.WIFSIGNALED(status):
-            extra["signal"] = signal.Signals(os.WTERMSIG(status)).name
-            reason = "signal"
-            if proc.retiring:
-                reason = "killed" if os.WTERMSIG(status) == signal.SIGKILL else "retired"
-        else:
-            code = os.WEXITSTATUS(status)
-            extra["status"] = code
-            reason = "crash" if code else ("retired" if proc.retiring else "exit")
-        if proc.kill_reason == "timeout":
-            reason = "timeout"
-        elif proc.kill_reason in ("max_jobs", "lifetime") and reason == "exit":
-            reason = "recycled"
-        extra["reason"] = reason
-        young = now - proc.started < YOUNG and proc.jobs_done == 0
-        if reason in ("crash", "signal") or (reason == "exit" and young):
-            log.warning("process exited", extra=extra)
-        else:
-            log.info("process exited", extra=extra)
-        self.metrics.process_exits.labels(proc.job_name, reason).inc()
+        ended = exits.classify(status, proc.retiring, proc.stop_reason)
+        # its slot: the reports it never sent, the job it was running (counted against it)
+        death = self.poison.exited(proc, job, ended, self.reports.on_jobs_done)
+        young = exits.died_young(now - proc.started, proc.jobs_done)
+        if death.record is not None and self.settings.poison_threshold:
+            young = False  # poison_threshold bounds these deaths: backoff would starve the job
+        level = logging.WARNING if ended.warns(young) or death.record else logging.INFO
+        log_event(
+            log,
+            level,
+            "process exited",
+            "process_exited",
+            pid=proc.pid,
+            job_name=proc.job_name,
+            **ended.fields(),
+            **death.fields(),
+        )
+        self.metrics.process_exits.labels(proc.job_name, ended.reason).inc()
         if job is None:
             return
         if job.name in self.removed_jobs:
             self.forget_removed(job)
             return
-        if reason == "timeout":
+        if ended.reason == "timeout":
             self.metrics.job_timeouts.labels(job.name).inc()
-        if reason in ("crash", "signal", "exit") and young and not self.stopping:
-            job.failures += 1
-            delay = min(BACKOFF_BASE * 2 ** (job.failures - 1), BACKOFF_MAX)
-            job.next_start = now + delay
-            self.metrics.crash_backoffs.labels(job.name).inc()
-            log.warning(
-                "processes of job %s keep dying young; next start in %.2fs", job.name, delay,
-                extra={"event": "crash_loop_backoff", "job_name": job.name,
-                       "failures": job.failures, "delay": delay},
-            )  # fmt: skip
-        elif not young:
-            job.failures = 0
-        replace = "replace" if reason not in ("retired", "killed") else "min"
-        self.ensure_min(job, replace)
+        if ended.warns(young) or death.record is not None or ended.signal == "SIGKILL":
+            job.lasterror, job.lasterror_msg = time.time(), death.error(proc.pid, ended)
+        if not (self.stopping and young):  # draining: no backoff
+            job.failures, delay = exits.crash_loop(job.failures, ended, young)
+            if delay:
+                self.back_off(job, now + delay, delay)
+        self.ensure_min(job, "min" if ended.reason in ("retired", "killed") else "replace")
+
+    def back_off(self, job: JobState, until: float, delay: float) -> None:
+        job.next_start = until
+        self.metrics.crash_backoffs.labels(job.name).inc()
+        at = time.strftime("%H:%M:%S", time.gmtime(time.time() + delay))
+        job.lasterror = time.time()  # the console shows the backoff in the error column
+        job.lasterror_msg = (
+            f"crash-loop backoff, next start in {delay:.2f}s at {at}: {job.lasterror_msg}"
+        )
+        message = f"processes of job {job.name} keep dying young; next start in {delay:.2f}s"
+        log_event(
+            log,
+            logging.WARNING,
+            message,
+            "crash_loop_backoff",
+            job_name=job.name,
+            failures=job.failures,
+            delay=delay,
+        )
 
     # -- the observer --------------------------------------------------------------------------
-    def request_poll(self) -> None:
-        """Poll gearmand soon: at once, or REPOLL_MIN_GAP after the last poll began."""
-        if self.poll_requests:
-            self.repoll_wanted = True
-            return
-        delay = max(0.0, self.poll_started + REPOLL_MIN_GAP - time.monotonic())
-        self.reschedule_poll(delay)
-
-    def reschedule_poll(self, delay: float) -> None:
-        if self.poll_timer is not None:
-            self.poll_timer.cancel()
-        self.poll_timer = self.loop.call_later(delay, self.start_poll)
-
-    def start_poll(self) -> None:
-        if self.stopping or self.poll_requests:
-            return
-        if self.poll_timer is not None:
-            self.poll_timer.cancel()
-            self.poll_timer = None
-        self.poll_started = time.monotonic()
-        timeout = max(0.2, min(2.0, self.settings.interval or 2.0))
-        self.repoll_wanted = False
-        for server in self.settings.servers:
-            req = AdminRequest(server, "status", timeout)
-            req.server_name = f"{server[0]}:{server[1]}"  # type: ignore[attr-defined]
-            try:
-                req.start()
-                self.loop.add(req, req.wanted_events(), partial(self.on_admin, req))
-            except OSError as exc:
-                req.done, req.error = True, str(exc)
-            self.poll_requests.append(req)
-        self.loop.call_later(timeout + 0.05, self.check_poll_timeouts)
-        self.maybe_finish_poll()
-
-    def on_admin(self, req: AdminRequest, mask: int) -> None:
-        req.on_event(mask)
-        if req.done:
-            self.loop.remove(req)
-        else:
-            self.loop.modify(req, req.wanted_events(), partial(self.on_admin, req))
-        self.maybe_finish_poll()
-
-    def check_poll_timeouts(self) -> None:
-        now = time.monotonic()
-        for req in self.poll_requests:
-            if not req.done:
-                req.check_timeout(now)
-                if req.done:
-                    self.loop.remove(req)
-        self.maybe_finish_poll()
-
-    def maybe_finish_poll(self) -> None:
-        if not self.poll_requests or not all(r.done for r in self.poll_requests):
-            return
-        requests, self.poll_requests = self.poll_requests, []
-        rows: list[dict[str, FunctionStatus]] = []
-        for req in requests:
-            name = req.server_name  # type: ignore[attr-defined]
-            ok = req.error is None
-            if ok:
-                rows.append(parse_status(req.lines))
-            elif self.gearmand_up.get(name, True):
-                log.error("observer: gearmand %s: %s", name, req.error,
-                          extra={"event": "observer_error", "server": name})  # fmt: skip
-            if ok and not self.gearmand_up.get(name, False) and name in self.gearmand_up:
-                log.info("observer: gearmand %s answers again", name)
-            self.gearmand_up[name] = ok
-            self.metrics.gearmand_up.labels(name).set(1 if ok else 0)
-            with contextlib.suppress(Exception):
-                req.close()
-        self.metrics.poll_duration.observe(time.monotonic() - self.poll_started)
-        status = observer.merge_status(rows) if rows else None
-        self.observe(status)
+    def on_status(self, status: Status | None) -> None:
+        """A poll round finished (``status`` None: no server answered): scale, re-arm the
+        wakers for the functions still without a process."""
+        try:
+            self.observe(status)
+        except Exception:  # the next round is scheduled after this returns: never stop it
+            log.exception("observer: scaling failed; the next poll tries again")
         for w in self.wakers:
             w.arm()
-        if not self.stopping:
-            interval = self.settings.interval or 5.0
-            if self.repoll_wanted:
-                self.reschedule_poll(REPOLL_MIN_GAP)
-            else:
-                self.reschedule_poll(max(0.0, self.poll_started + interval - time.monotonic()))
 
     def job_views(self) -> list[observer.JobView]:
         views = []
@@ -769,32 +495,46 @@ class Driver:
                 observer.ProcessView(p.pid, p.busy, p.idle_since if p.registered else None)
                 for p in job.live()
             )
-            views.append(observer.JobView(job.name, job.min_processes, job.max_processes,
-                                          tuple(job.functions), procs))  # fmt: skip
+            # gearmand counts a waker registering the job's functions as one of its workers
+            fns = job.functions
+            wakers = sum(w.connected and not w.functions.isdisjoint(fns) for w in self.wakers)
+            views.append(
+                observer.JobView(
+                    job.name,
+                    job.min_processes,
+                    job.max_processes,
+                    tuple(job.functions),
+                    procs,
+                    wakers,
+                )
+            )
         return views
 
-    def observe(self, status: Mapping[str, FunctionStatus] | None) -> None:
-        if status is not None:
-            self.last_status = status
+    def observe(self, status: Status | None) -> None:
         if self.stopping:
             return
         decision = observer.decide(
             status if self.settings.interval > 0 else None,
-            self.job_views(), time.monotonic(), self.settings.max_idle_time,
-        )  # fmt: skip
+            self.job_views(),
+            time.monotonic(),
+            self.settings.max_idle_time,
+            servers=self.poller.answered,
+        )
         self.apply(decision)
+        # no server answered: no queue series, a stale backlog would fire alerts and scale
+        self.metrics.set_queue(status or {}, decision.unknown)
         if status is not None:
-            self.metrics.set_queue(
-                {fn: (s.waiting, s.running, s.workers) for fn, s in status.items()},
-                dict(decision.unknown),
-            )
             for fn, n in sorted(decision.unknown.items()):
                 if fn not in self.last_unknown:  # once per sighting, the gauge tells the rest
-                    log.warning(
-                        "jobs queued for a function no job serves: %s (%d waiting)", fn, n,
-                        extra={"event": "unknown_function", "function": fn, "count": n},
-                    )  # fmt: skip
+                    message = f"jobs queued for a function no job serves: {fn} ({n} waiting)"
+                    log_event(
+                        log, logging.WARNING, message, "unknown_function", function=fn, count=n
+                    )
             self.last_unknown = dict(decision.unknown)
+
+    def concern(self) -> Concern:
+        """The functions the poller keeps: ours, and those ``watch_functions`` names."""
+        return Concern.of((j.spec for j in self.get_jobs()), self.settings.watch_functions)
 
     def apply(self, decision: observer.Decision) -> None:
         for start in decision.starts:
@@ -805,14 +545,11 @@ class Driver:
             if time.monotonic() < job.next_start:
                 continue  # crash-loop backoff: no forks for this job yet
             n = 0
-            for _ in range(start.count):
-                if self.spawn(job, start.reason) is not None:
-                    n += 1
+            while n < start.count and self.spawn(job, start.reason) is not None:
+                n += 1
             if n:
                 self.metrics.scaling.labels(job.name, "up", start.reason).inc(n)
-                log.info("scaling job %s up by %d (%s)", job.name, n, start.reason,
-                         extra={"event": "scale", "job_name": job.name, "direction": "up",
-                                "count": n, "reason": start.reason})  # fmt: skip
+                self.log_scale(job, "up", n, start.reason)
         for stop in decision.stops:
             job = self.jobs[stop.job_name]
             for pid in stop.pids:
@@ -820,13 +557,21 @@ class Driver:
                 if proc is not None and not proc.busy:
                     self.stop_process(proc, stop.reason)
             self.metrics.scaling.labels(job.name, "down", stop.reason).inc(len(stop.pids))
-            log.info("scaling job %s down by %d (%s)", job.name, len(stop.pids), stop.reason,
-                     extra={"event": "scale", "job_name": job.name, "direction": "down",
-                            "count": len(stop.pids), "reason": stop.reason})  # fmt: skip
+            self.log_scale(job, "down", len(stop.pids), stop.reason)
         for name, target in decision.desired.items():
             self.metrics.processes_desired.labels(name).set(target)
 
+    def log_scale(self, job: JobState, direction: str, count: int, reason: str) -> None:
+        message = f"scaling job {job.name} {direction} by {count} ({reason})"
+        log_event(log, logging.INFO, message, "scale", job_name=job.name, direction=direction,
+                  count=count, reason=reason)  # fmt: skip
+
     # -- commands (console) --------------------------------------------------------------------
+    def limits_problem(self, job: JobState, low: int, high: int) -> str:
+        limits = {j.name: (j.min_processes, j.max_processes) for j in self.get_jobs()}
+        limits[job.name] = (low, high)
+        return config.check_jobs_total(self.settings.max_total_processes, limits)
+
     def set_limits(self, job: JobState, low: int, high: int) -> None:
         """New min/max, applied at once: start up to min, retire idle surplus above max."""
         job.min_processes, job.max_processes = low, high
@@ -834,8 +579,9 @@ class Driver:
         self.ensure_min(job, "min")
         live = job.live()
         if len(live) > high:
-            decision = observer.decide(None, [v for v in self.job_views() if v.name == job.name],
-                                       time.monotonic(), 0.0)  # fmt: skip
+            decision = observer.decide(
+                None, [v for v in self.job_views() if v.name == job.name], time.monotonic(), 0.0
+            )
             self.apply(decision)
 
     def kill_pids(self, pids: Iterable[int]) -> None:
@@ -851,20 +597,25 @@ class Driver:
         if now - self._last_housekeeping < 0.1 and not self.stopping:
             return
         self._last_housekeeping = now
-        if self.stopping:
-            if now >= self.stop_deadline and self.procs:
-                log.warning("graceful_timeout reached; killing %d process(es)", len(self.procs),
-                            extra={"event": "drain_timeout"})  # fmt: skip
-                for proc in list(self.procs.values()):
-                    self.stop_process(proc, "drain_timeout", signal.SIGKILL)
-                self.stop_deadline = now + 5.0
+        if self.stopping and now >= self.stop_deadline and self.procs:
+            message = f"graceful_timeout reached; killing {len(self.procs)} process(es)"
+            log_event(log, logging.WARNING, message, "drain_timeout")
+            for proc in list(self.procs.values()):
+                self.stop_process(proc, "drain_timeout", signal.SIGKILL)
+            self.stop_deadline = now + 5.0
             return
-        for job in self.jobs.values():
-            self.enforce_timeouts(job, now)
-            self.roll(job)
+        for job in list(self.jobs.values()):
+            self.enforce_timeouts(job, now)  # during a drain too
+            self.escalate(job, now)
+            if not self.stopping:
+                self.roll(job)
+        if self.stopping:
+            return
         self.update_wakers()
         for w in self.wakers:
             w.tick(now)
+        if self.children.behind:
+            self.children.resend(self.resolver.messages())
         self.update_readiness()
 
     def update_wakers(self) -> None:
@@ -876,26 +627,41 @@ class Driver:
                 w.set_functions(functions)
 
     def enforce_timeouts(self, job: JobState, now: float) -> None:
+        """A job past its timeout (and KILL_GRACE more: the process's own alarm failed):
+        SIGTERM, then SIGKILL after KILL_GRACE s; while draining too."""
         limit = job.spec.timeout
         for proc in list(job.processes.values()):
-            if (
-                proc.retiring
-                and proc.kill_reason == "timeout"
-                and now - proc.term_sent > KILL_GRACE
-            ):
-                self.stop_process(proc, "timeout", signal.SIGKILL)
+            if proc.kill_sent:
+                continue
+            if proc.stop_reason == "timeout":
+                if proc.retiring and now - proc.term_sent > KILL_GRACE:
+                    self.stop_process(proc, "timeout", signal.SIGKILL)
             elif limit and proc.busy and now - proc.busy_since > limit + KILL_GRACE:
-                log.warning("job %s ran past its timeout of %ss; stopping process %d",
-                            job.name, limit, proc.pid)  # fmt: skip
-                proc.kill_reason = "timeout"
+                message = f"job {job.name} ran past its timeout of {limit}s; stopping process"
+                log_event(log, logging.WARNING, message, "timeout", pid=proc.pid,
+                          job_name=job.name, **self.poison.running(proc, job))  # fmt: skip
+                proc.stop_reason = "timeout"
                 self.stop_process(proc, "timeout")
+
+    def escalate(self, job: JobState, now: float) -> None:
+        """A process told to stop that is still there KILL_GRACE s (at most graceful_timeout)
+        after its job ended ignores SIGTERM and its channel's EOF: SIGKILL."""
+        grace = min(KILL_GRACE, self.settings.graceful_timeout)
+        for proc in list(job.processes.values()):
+            if not proc.retiring or proc.busy or proc.kill_sent:
+                continue
+            if now - max(proc.term_sent, proc.idle_since or 0.0) > grace:
+                message = f"process {proc.pid} of job {job.name} ignored its stop; killing it"
+                log_event(log, logging.WARNING, message, "stop_ignored", pid=proc.pid,
+                          job_name=job.name, reason=proc.stop_reason)  # fmt: skip
+                self.stop_process(proc, proc.stop_reason, signal.SIGKILL)
 
     def roll(self, job: JobState) -> None:
         """After a reload, replace processes of older generations one at a time."""
         old = [p for p in job.live() if p.generation != self.generation]
         if not old:
             return
-        if any(p.retiring and p.kill_reason == "reload" for p in job.processes.values()):
+        if any(p.retiring and p.stop_reason == "reload" for p in job.processes.values()):
             return
         old.sort(key=lambda p: (p.busy, p.idle_since or 0.0))
         self.stop_process(old[0], "reload")
@@ -904,33 +670,58 @@ class Driver:
     def update_static_gauges(self, job: JobState) -> None:
         self.metrics.processes_min.labels(job.name).set(job.min_processes)
         self.metrics.processes_max.labels(job.name).set(job.max_processes)
+        self.metrics.set_functions(job.name, job.functions)
 
-    def update_job_gauges(self, job: JobState) -> None:
-        """Process gauges, refreshed when /metrics is scraped (the only reader)."""
-        self.metrics.processes.labels(job.name).set(len(job.processes))
-        self.metrics.processes_busy.labels(job.name).set(job.busy)
+    # -- what the console and HTTP see (gdriver.control.Control) ----------------------------------
+    def pids(self) -> Collection[int]:
+        return self.procs.keys()
+
+    def scrape(self) -> CollectorRegistry:
+        # the process gauges are refreshed here, for their only reader
+        for job in self.get_jobs():
+            self.metrics.processes.labels(job.name).set(len(job.processes))
+            self.metrics.processes_busy.labels(job.name).set(job.busy_count)
+        return self.metrics.registry
+
+    def loop_lag(self) -> float:
+        return time.monotonic() - self.loop.last_tick
 
     def is_ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "stopping"
-        missing = [j.name for j in self.get_jobs() if j.registered < j.min_processes]
+        missing = [j.name for j in self.get_jobs() if j.registered_count < j.min_processes]
         if missing:
             return False, f"jobs without their min processes registered: {', '.join(missing)}"
-        if not any(self.gearmand_up.values()) and not any(
-            p.registered for p in self.procs.values()
-        ):
+        if not self.poller.any_up() and not any(p.registered for p in self.procs.values()):
             return False, "no gearmand answers"
         return True, "ok"
 
     def update_readiness(self) -> None:
         ready, _ = self.is_ready()
         if ready and not self.ready:
-            log.info("ready", extra={"event": "ready"})
+            log_event(log, logging.INFO, "ready", "ready")
         self.ready = ready
         if ready:
             self.notifier.notify_ready()
         busy = sum(1 for p in self.procs.values() if p.busy)
-        queued = sum(s.waiting for s in self.last_status.values())
+        queued = sum(s.waiting for s in self.poller.last_status.values())
         self.notifier.notify_status(
             f"{len(self.jobs)} jobs, {len(self.procs)} processes, {busy} busy, {queued} queued"
         )
+
+
+def recycle_limits(spec: JobSpec, settings: config.Settings) -> tuple[int, float]:
+    """A new process's job count and lifetime before it is recycled (0: never): the job's
+    own, else the global settings, plus up to 10 % jitter so processes do not all recycle
+    at once."""
+    max_jobs = spec.max_jobs_per_process
+    if max_jobs is None:
+        max_jobs = settings.max_jobs_per_process
+    lifetime = spec.max_process_lifetime
+    if lifetime is None:
+        lifetime = settings.max_process_lifetime
+    if max_jobs:
+        max_jobs += random.randint(0, max(1, max_jobs // 10))
+    if lifetime:
+        lifetime += random.uniform(0, lifetime * 0.1)
+    return max_jobs, lifetime

@@ -13,22 +13,30 @@ counts this connection.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import selectors
 import socket
 import time
 from collections.abc import Callable, Iterable
 
-from gdriver.gearman import CAN_DO, NOOP, PRE_SLEEP, SET_CLIENT_ID, Server, packet
+from gdriver.codec import (
+    HEADER_SIZE,
+    MalformedPacket,
+    connect,
+    connect_error,
+    error_text,
+    pack,
+    resolve,
+    unpack,
+)
+from gdriver.codec import PacketType as P
+from gdriver.gearman import Server
 from gdriver.loop import EventLoop
 
 log = logging.getLogger("gdriver.waker")
 
-RESET_ABILITIES = 3
-GRAB_JOB = 9
-HEADER = 12
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
+MAX_REPLY = 1 << 20  # bytes; it never takes a job, so every reply it gets is tiny
 
 
 class Waker:
@@ -70,32 +78,24 @@ class Waker:
         can be assigned), registers the functions again and sleeps."""
         if self.connected and self.functions and not self.armed:
             self.armed = True
-            self.out += packet(RESET_ABILITIES) + packet(GRAB_JOB) + self.abilities()
-            self.out += packet(PRE_SLEEP)
+            self.out += pack(P.RESET_ABILITIES) + pack(P.GRAB_JOB) + self.abilities()
+            self.out += pack(P.PRE_SLEEP)
             self.flush()
 
     def tick(self, now: float) -> None:
         """Connect when needed and due."""
         if self.sock is not None or not self.functions or now < self.next_attempt:
             return
-        host, port = self.server
         try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            family, kind, proto, _, addr = infos[0]
-            sock = socket.socket(family, kind, proto)
+            # one socket only: it is registered with the supervisor's loop
+            sock, _ = connect(resolve(*self.server)[0])
         except OSError as exc:
-            self.failed(f"cannot connect: {exc}")
-            return
-        sock.setblocking(False)
-        code = sock.connect_ex(addr)
-        if code not in (0, errno.EINPROGRESS):
-            sock.close()
-            self.failed(f"connect: {errno.errorcode.get(code, code)}")
+            self.failed(f"cannot connect: {error_text(exc)}")
             return
         self.sock = sock
-        self.connected = False
+        self.connected = False  # set on the first writable event, connected at once or not
         self.armed = False
-        self.out = bytearray(packet(SET_CLIENT_ID, b"gdriver-waker"))
+        self.out = bytearray(pack(P.SET_CLIENT_ID, b"gdriver-waker"))
         self.inbuf = bytearray()
         self.loop.add(sock, selectors.EVENT_WRITE, self.on_event)
 
@@ -109,8 +109,8 @@ class Waker:
 
     # -- internals -----------------------------------------------------------------------------
     def abilities(self) -> bytes:
-        return packet(RESET_ABILITIES) + b"".join(
-            packet(CAN_DO, name.encode()) for name in sorted(self.functions)
+        return pack(P.RESET_ABILITIES) + b"".join(
+            pack(P.CAN_DO, name.encode()) for name in sorted(self.functions)
         )
 
     def failed(self, reason: str) -> None:
@@ -124,9 +124,9 @@ class Waker:
         if sock is None:
             return
         if not self.connected and mask & selectors.EVENT_WRITE:
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                self.failed(f"connect: {errno.errorcode.get(code, code)}")
+            failed = connect_error(sock)
+            if failed is not None:
+                self.failed(f"connect: {failed}")
                 return
             self.connected = True
             self.backoff = BACKOFF_MIN
@@ -149,17 +149,16 @@ class Waker:
 
     def parse(self) -> None:
         woken = False
-        while len(self.inbuf) >= HEADER:
-            magic = bytes(self.inbuf[:4])
-            ptype = int.from_bytes(self.inbuf[4:8], "big")
-            size = int.from_bytes(self.inbuf[8:12], "big")
-            if magic != b"\0RES" or size > 1 << 20:
+        while len(self.inbuf) >= HEADER_SIZE:
+            try:
+                ptype, _, end = unpack(self.inbuf, 0, MAX_REPLY)
+            except MalformedPacket:
                 self.failed("malformed reply")
                 return
-            if len(self.inbuf) < HEADER + size:
+            if len(self.inbuf) < end:
                 break
-            del self.inbuf[: HEADER + size]
-            if ptype == NOOP:
+            del self.inbuf[:end]
+            if ptype == P.NOOP:
                 woken = True
         if woken:
             self.armed = False

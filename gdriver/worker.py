@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from gdriver.attributes import NAMES as JOB_ATTRIBUTES
+
+if TYPE_CHECKING:
+    import gearman as pygearman
+
+    from gdriver.gearman import Job
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 JOB_MARK = "__gdriver_job__"
-JOB_ATTRIBUTES = (
-    "min_processes",
-    "max_processes",
-    "encode",
-    "decode",
-    "process_group",
-    "timeout",
-    "max_jobs_per_process",
-    "max_process_lifetime",
-)
 
 
 @overload
@@ -67,12 +65,15 @@ class Worker:
 
     One instance per class is built in the supervisor before it forks, with the keyword
     arguments from ``worker_options`` (``GLOBAL`` merged under the class's own key) plus
-    ``server``. The default ``__init__`` stores each option as an attribute.
+    ``server`` (the gearmand list, also set after construction when ``__init__`` did not
+    keep it). The default ``__init__`` stores each option as an attribute.
 
     Override points:
 
     - ``prefix``: a class attribute or method; replaces ``module.Class.`` in function and
       job names (``""`` registers bare method names).
+    - ``after_fork()``: once in each worker process, after the fork, before it registers
+      with gearmand: open per-process connections here.
     - ``begin(job, workload)`` before each job (after decode); ``end(job, workload, error)``
       after each job, always (``error`` is None on success); ``on_exception(job, workload,
       error)`` when the job raised, before ``end``.
@@ -87,18 +88,46 @@ class Worker:
     default_attributes: dict[str, Any] = {}
     override_attributes: dict[str, Any] = {}
 
+    server: str | None = None
+    _client: tuple[int, pygearman.GearmanClient] | None = None
+
     def __init__(self, server: str | None = None, **options: Any) -> None:
         self.server = server
         for key, value in options.items():
             setattr(self, key, value)
 
-    def begin(self, job: Any, workload: Any) -> None:
+    def after_fork(self) -> None:
+        """Called once in each worker process, after the fork and before it registers with
+        gearmand: the place to open a database connection or any client per process.
+
+        The instance is built once in the supervisor and every process is forked from it,
+        so a socket or connection opened in ``__init__`` is one file descriptor shared by
+        every process of the class (their requests and replies interleave on it). Open
+        such things here instead. An exception here ends the process (it is restarted,
+        with the crash-loop backoff)."""
+
+    @property
+    def client(self) -> pygearman.GearmanClient:
+        """A pygearman ``GearmanClient`` on the configured gearmand servers, for jobs that
+        submit follow-up jobs; made on first use in each process (never shared across a
+        fork)."""
+        made = self._client
+        if made is None or made[0] != os.getpid():
+            import gearman as pygearman
+
+            from gdriver.gearman import parse_servers
+
+            hosts = [(s[0], s[1]) for s in parse_servers(self.server or "localhost:4730")]
+            made = self._client = (os.getpid(), pygearman.GearmanClient(hosts))
+        return made[1]
+
+    def begin(self, job: Job, workload: Any) -> None:
         """Called before each job, after decode."""
 
-    def end(self, job: Any, workload: Any, error: BaseException | None) -> None:
+    def end(self, job: Job, workload: Any, error: BaseException | None) -> None:
         """Called after each job, also when it failed (error is then the exception)."""
 
-    def on_exception(self, job: Any, workload: Any, error: BaseException) -> None:
+    def on_exception(self, job: Job, workload: Any, error: BaseException) -> None:
         """Called when the job method raised, before end()."""
 
     def process_name(self, orig: str, job_name: str) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,15 @@ def port_open(port: int, host: str = HOST) -> bool:
             return True
     except OSError:
         return False
+
+
+def http_status(port: int, path: str) -> int:
+    """The status code of a GET on 127.0.0.1:port (errors included)."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=3) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def pid_alive(pid: int) -> bool:
@@ -89,7 +99,8 @@ class Gearmand:
         return f"{HOST}:{self.port}"
 
     def start(self) -> Gearmand:
-        exe = shutil.which("gearmand") or "/usr/sbin/gearmand"
+        # by path: Debian gearman-server installs a Perl program also named gearmand
+        exe = "/usr/sbin/gearmand"
         self.proc = subprocess.Popen(
             [exe, f"--listen={HOST}", f"--port={self.port}", "--log-file=none", "--threads=2"],
             stdout=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +319,16 @@ def test_check_config_output_into_a_closed_pipe_is_not_an_error() -> None:
     full_env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("GDRIVER_")}
     full_env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gdriver", "check-config"],
+        [
+            sys.executable,
+            "-m",
+            "gdriver",
+            "check-config",
+            "--lib",
+            str(WORKERS),
+            "--namespaces",
+            "live.basic",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=full_env,
@@ -328,3 +338,85 @@ def test_check_config_output_into_a_closed_pipe_is_not_an_error() -> None:
     assert proc.wait(30) == 0
     err = proc.stderr.read().decode()
     assert "Traceback" not in err
+
+
+# -- nothing silently ignored, the start-up contract ---------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [["--serv", "h"], ["--int", "3"], ["--pid", "5"]])
+def test_abbreviated_flags_are_refused(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.parse_settings_args("gdriver run", flags)
+    assert info.value.code == config.EX_CONFIG
+    assert f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
+
+
+def test_zero_jobs_loaded_exits_78(tmp_path: Path) -> None:
+    assert_config_error(gdriver("check-config"), "namespaces (default): no jobs loaded from (none)")
+    (tmp_path / "empty_ns").mkdir()
+    proc = gdriver("run", "--lib", str(tmp_path), "--namespaces", "empty_ns",
+                   "--console_port", "0", "--metrics_port", "0")  # fmt: skip
+    assert_config_error(proc, "namespaces (command line): no jobs loaded from empty_ns")
+
+
+def test_check_config_shows_where_each_value_came_from(tmp_path: Path) -> None:
+    conf = tmp_path / "c.yml"
+    conf.write_text(yaml.safe_dump({"interval": 7, "worker_options": {"GLOBAL": {"a": 1}}}))
+    proc = gdriver(
+        "check-config", "--configfile", str(conf), "--lib", str(WORKERS),
+        "--namespaces", "live.runtime_option",
+        env={"GDRIVER_WORKER_OPTIONS": '{"GLOBAL": {"b": 2}}', "GDRIVER_LOGLEVEL": "debug"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["worker_options"] == {"GLOBAL": {"a": 1, "b": 2}}
+    assert out["sources"]["interval"] == f"file {conf}"
+    assert out["sources"]["worker_options.GLOBAL.a"] == f"file {conf}"
+    assert out["sources"]["worker_options.GLOBAL.b"] == "env GDRIVER_WORKER_OPTIONS"
+    assert out["sources"]["loglevel"] == "env GDRIVER_LOGLEVEL"
+    assert out["sources"]["lib"] == "command line"
+    assert out["sources"]["metrics_port"] == "default"
+
+
+def test_jobs_above_max_total_processes_exit_78() -> None:
+    proc = gdriver("check-config", "--lib", str(WORKERS), "--namespaces", "live.runtime_option",
+                   "--max_total_processes", "1")  # fmt: skip
+    assert_config_error(proc, "max_total_processes (command line): min_processes of all jobs")
+
+
+def test_daemonize_with_an_unwritable_pidfile_fails_in_the_launcher(tmp_path: Path) -> None:
+    for flags in (["--pidfile", "/nonexistent/dir/x.pid"],
+                  ["--logfile", "/nonexistent/dir/x.log"]):  # fmt: skip
+        proc = gdriver("run", "--daemonize", "--lib", str(WORKERS), "--namespaces",
+                       "live.runtime_option", "--server", "127.0.0.1:1", "--console_port", "0",
+                       "--metrics_port", "0", *flags)  # fmt: skip
+        key = flags[0].lstrip("-")
+        assert_config_error(proc, f"{key} (/nonexistent/dir/x.", "No such file or directory")
+
+
+def test_logfile_and_pidfile_without_daemonize_are_honoured(tmp_path: Path) -> None:
+    log, pid = tmp_path / "out.log", tmp_path / "g.pid"
+    log.write_text("kept\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GDRIVER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gdriver", "run", "--lib", str(WORKERS), "--namespaces",
+         "live.runtime_option", "--server", "127.0.0.1:1", "--console_port", "0",
+         "--metrics_port", "0", "--logfile", str(log), "--pidfile", str(pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if pid.exists() and '"event": "started"' in log.read_text():
+                break
+            time.sleep(0.05)
+        assert pid.read_text().strip() == str(proc.pid)
+        assert log.read_text().startswith("kept\n")  # appended, not truncated
+        assert '"event": "started"' in log.read_text()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert out == b""  # everything went to the log file
+    assert not pid.exists()  # removed at exit

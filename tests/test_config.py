@@ -87,7 +87,6 @@ def test_env_lists_are_comma_separated_and_maps_json() -> None:
             ),
             "GDRIVER_DAEMONIZE": "yes",
             "GDRIVER_CONSOLE_PORT": " 5 ",
-            "GDRIVER_UNRELATED": "ignored",
         }
     )
     assert s.namespaces == ("a.b", "c", "d")
@@ -127,10 +126,10 @@ def test_empty_yaml_file_is_fine(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "env, key, problem",
     [
-        ({"GDRIVER_INTERVAL": "abc"}, "interval", "must be a number >= 0"),
-        ({"GDRIVER_INTERVAL": "-1"}, "interval", "must be a number >= 0"),
-        ({"GDRIVER_INTERVAL": "nan"}, "interval", "must be a number >= 0"),
-        ({"GDRIVER_INTERVAL": ""}, "interval", "must be a number >= 0"),
+        ({"GDRIVER_INTERVAL": "abc"}, "interval", "must be a number between 0 and 3600"),
+        ({"GDRIVER_INTERVAL": "-1"}, "interval", "must be a number between 0 and 3600"),
+        ({"GDRIVER_INTERVAL": "nan"}, "interval", "must be a number between 0 and 3600"),
+        ({"GDRIVER_INTERVAL": ""}, "interval", "must be a number between 0 and 3600"),
         ({"GDRIVER_CONSOLE_PORT": "65536"}, "console_port", "between 0 and 65535"),
         ({"GDRIVER_CONSOLE_PORT": "1.5"}, "console_port", "between 0 and 65535"),
         ({"GDRIVER_LOGLEVEL": "chatty"}, "loglevel", "must be one of"),
@@ -270,3 +269,131 @@ def test_every_key_has_a_validator_and_a_default() -> None:
         if isinstance(default, tuple):
             default = list(default)
         assert config.VALIDATORS[key](default) is not None or default == ""
+
+
+# -- maps merge across sources; each value's source ------------------------------------------
+
+
+def test_maps_merge_key_by_key_across_files_env_and_cli(tmp_path: Path) -> None:
+    one = write_yaml(tmp_path / "one.yml", {
+        "worker_options": {"GLOBAL": {"dsn": "pg://db"}, "a.Images": {"max_size": 800,
+                                                                       "quality": 85}},
+        "job_runtime_attributes": {"a.Images.img": {"min_processes": 2, "max_processes": 20}},
+        "lib": ["/from/yaml"],
+    })  # fmt: skip
+    two = write_yaml(tmp_path / "two.yml", {"worker_options": {"GLOBAL": {"secret": "s"}}})
+    s, sources = config.load_with_sources(
+        cli={"configfile": [one, two], "job_runtime_attributes": {"a.Images.img": {"timeout": 9}},
+             "lib": ["/from/cli"]},
+        environ={"GDRIVER_WORKER_OPTIONS": '{"a.Images": {"quality": 30}}'},
+    )  # fmt: skip
+    assert s.worker_options == {
+        "GLOBAL": {"dsn": "pg://db", "secret": "s"},
+        "a.Images": {"max_size": 800, "quality": 30},
+    }
+    assert s.job_runtime_attributes == {
+        "a.Images.img": {"min_processes": 2, "max_processes": 20, "timeout": 9.0}
+    }
+    assert s.lib == ("/from/cli",)  # lists replace
+    assert sources["worker_options.GLOBAL.dsn"] == f"file {one}"
+    assert sources["worker_options.GLOBAL.secret"] == f"file {two}"
+    assert sources["worker_options.a.Images.quality"] == "env GDRIVER_WORKER_OPTIONS"
+    assert sources["worker_options.a.Images.max_size"] == f"file {one}"
+    assert sources["job_runtime_attributes.a.Images.img.timeout"] == "command line"
+    assert sources["job_runtime_attributes.a.Images.img.min_processes"] == f"file {one}"
+    assert sources["lib"] == "command line"
+    assert "interval" not in sources  # the default
+
+
+def test_min_above_max_after_merging_sources_is_refused(tmp_path: Path) -> None:
+    one = write_yaml(tmp_path / "one.yml",
+                     {"job_runtime_attributes": {"a.B.c": {"min_processes": 3}}})  # fmt: skip
+    err = error_of(
+        cli={"configfile": [one]},
+        environ={"GDRIVER_JOB_RUNTIME_ATTRIBUTES": '{"a.B.c": {"max_processes": 2}}'},
+    )
+    assert err.key == "job_runtime_attributes" and "min_processes 3 > max_processes 2" in str(err)
+
+
+# -- nothing silently ignored ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("GDRIVER_INTERVALL", " (did you mean GDRIVER_INTERVAL?)"),
+        ("GDRIVER_SEVER", " (did you mean GDRIVER_SERVER?)"),
+        ("GDRIVER_NAMESPACE", " (did you mean GDRIVER_NAMESPACES?)"),
+        ("GDRIVER_UNRELATED", ""),
+    ],
+)
+def test_unknown_gdriver_variables_are_errors_with_the_nearest_name(name: str, hint: str) -> None:
+    err = error_of(environ={name: "3"})
+    assert str(err) == f"{name} (env): unknown variable{hint}"
+
+
+def test_unknown_yaml_key_suggests_the_nearest(tmp_path: Path) -> None:
+    err = error_of(cli={"configfile": [write_yaml(tmp_path / "c.yml", {"intervall": 1})]})
+    assert str(err).endswith("intervall (file " + str(tmp_path / "c.yml") + "): unknown key"
+                             " (did you mean interval?)")  # fmt: skip
+
+
+# -- every number has a range ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "key", "problem"),
+    [
+        ({"GDRIVER_JOB_RUNTIME_ATTRIBUTES": '{"a.B.c": {"timeout": 1e10}}'},
+         "job_runtime_attributes", "a.B.c.timeout: must be a number between 0 and 2592000"),
+        ({"GDRIVER_INTERVAL": "1e10"}, "interval", "between 0 and 3600"),
+        ({"GDRIVER_GRACEFUL_TIMEOUT": "1e300"}, "graceful_timeout", "between 0 and 86400"),
+        ({"GDRIVER_MAX_PROCESS_LIFETIME": "inf"}, "max_process_lifetime", "between 0 and"),
+        ({"GDRIVER_MAX_JOBS_PER_PROCESS": "99999999999"}, "max_jobs_per_process", "between 0"),
+        ({"GDRIVER_MAX_TOTAL_PROCESSES": "5000"}, "max_total_processes", "between 1 and 4096"),
+        ({"GDRIVER_MAX_TOTAL_PROCESSES": "0"}, "max_total_processes", "between 1 and 4096"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_name_the_key(environ: dict[str, str], key: str, problem: str) -> None:
+    err = error_of(environ=environ)
+    assert err.key == key and problem in err.problem, str(err)
+
+
+def test_every_number_key_documents_its_range() -> None:
+    for key, f in config.FIELDS.items():
+        if isinstance(config.DEFAULTS.as_dict()[key], int | float) and f.type != "bool":
+            assert f.metadata["span"], key
+
+
+def test_process_counts_above_max_total_processes_are_refused(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yml", {
+        "max_total_processes": 50,
+        "job_runtime_attributes": {"a.B.c": {"min_processes": 1, "max_processes": 100}},
+    })  # fmt: skip
+    err = error_of(cli={"configfile": [path]})
+    assert err.key == "job_runtime_attributes" and err.source == f"file {path}"
+    assert "a.B.c.max_processes: 100 is above max_total_processes 50" in err.problem
+    err = error_of(environ={"GDRIVER_JOB_RUNTIME_ATTRIBUTES":
+                            '{"a.B.c": {"min_processes": 100000000}}'})  # fmt: skip
+    assert err.key == "job_runtime_attributes" and "between 0 and 4096" in err.problem
+    assert 1 <= config.DEFAULTS.max_total_processes <= 4096
+
+
+def test_jobs_total_check_for_the_loader_and_the_console() -> None:
+    assert config.check_jobs_total(10, {"a": (2, 10), "b": (3, 10)}) == ""
+    assert config.check_jobs_total(10, {"a": (2, 11)}) == (
+        "job a: max_processes 11 is above max_total_processes 10"
+    )
+    assert config.check_jobs_total(10, {"a": (6, 6), "b": (5, 5)}) == (
+        "min_processes of all jobs add up to 11, above max_total_processes 10"
+    )
+
+
+# -- one declaration per key -------------------------------------------------------------------
+
+
+def test_the_readme_table_is_made_from_the_declarations() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert config.markdown_table() in readme
+    for key in config.KEYS:
+        assert config.HELP[key] and key in config.VALIDATORS

@@ -97,10 +97,18 @@ def test_unreachable_exits_2(two: tuple[Gdriver, Gdriver], home: Path) -> None:
     assert a.console(f"show {PING}")[0].startswith(f"{PING}  0  1  0  ")
     for bad in ("notaport", "99999", "0"):
         r = console("--server", f"{HOST}:{bad}", "status", home=home)
-        assert r.returncode == 2 and "port must be a number" in r.stderr, r.stderr
+        assert r.returncode == 64 and "port must be a number" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     r = console("status", home=home, GDRIVER_CONSOLE_PORT="abc")
-    assert r.returncode == 2 and r.stderr.startswith("gdriver console: GDRIVER_CONSOLE_PORT")
+    assert r.returncode == 78, r
+    assert r.stderr.startswith(
+        "gdriver console: invalid configuration: console_port (env GDRIVER_CONSOLE_PORT)"
+    )
+    # usage errors have their own status, apart from "unreachable"
+    r = console("--bogus", "status", home=home)
+    assert r.returncode == 64 and len(r.stderr.splitlines()) == 1, r
+    r = console("--serv", f"{HOST}:{a.console_port}", "status", home=home)  # no abbreviations
+    assert r.returncode == 64, r
 
 
 def test_port_from_environment(two: tuple[Gdriver, Gdriver], home: Path) -> None:
@@ -223,3 +231,47 @@ def test_interactive_through_a_pty(
     assert "status" in history.read_text().split("\n")
     # the servers are unaffected: the client's quit is not sent to them
     assert console_command(a.console_port, "version")[0].startswith("gdriver ")
+
+
+def test_address_from_the_configuration_the_service_reads(
+    two: tuple[Gdriver, Gdriver], home: Path, tmp_path: Path
+) -> None:
+    a, _ = two
+    conf = tmp_path / "app.yml"
+    conf.write_text(f"console_port: {a.console_port}\nconsole_bind: 0.0.0.0\n")
+    r = console("--configfile", str(conf), "version", home=home)
+    assert (r.returncode, r.stdout.startswith("gdriver ")) == (0, True), r
+    r = console("version", home=home, GDRIVER_CONFIGFILE=str(conf))
+    assert (r.returncode, r.stdout.startswith("gdriver ")) == (0, True), r
+    conf.write_text("console_prot: 1\n")
+    r = console("--configfile", str(conf), "version", home=home)
+    assert r.returncode == 78 and "console_prot" in r.stderr and "console_port" in r.stderr
+
+
+def test_job_name_suffix_and_nearest_names(two: tuple[Gdriver, Gdriver], home: Path) -> None:
+    a, _ = two
+    server = f"{HOST}:{a.console_port}"
+    r = console("--server", server, "show", "Console.ping", home=home)
+    assert r.returncode == 0 and r.stdout.startswith(f"{PING}  0  "), r
+    r = console("--server", server, "show", "ping", home=home)
+    assert r.returncode == 0 and r.stdout.startswith(f"{PING}  0  "), r
+    r = console("--server", server, "show", "Console.pingg", home=home)
+    assert (r.returncode, r.stdout) == (1, "ERR invalid_job_name: Console.pingg\n")  # Perl's
+    assert r.stderr.startswith(f"gdriver console: no job 'Console.pingg' (did you mean {PING}")
+    # a suffix two jobs share is not expanded
+    r = console("--server", server, "show", "Console", home=home)
+    assert r.returncode == 1 and r.stdout == "ERR invalid_job_name: Console\n"
+
+
+def test_interactive_pipes_a_reply_through_a_shell_command(
+    two: tuple[Gdriver, Gdriver], home: Path, tmp_path: Path
+) -> None:
+    a, _ = two
+    r = console(
+        "--server", f"{HOST}:{a.console_port}", "--history", str(tmp_path / "history"),
+        home=home, stdin="status | grep -c pong\nstatus|tr a-z A-Z\n",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.replace("console> ", "\n").split("\n") if x]
+    assert lines[0] == "1"
+    assert lines[1].startswith(PING.upper()) and lines[2].startswith(PONG.upper())

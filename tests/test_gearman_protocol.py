@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from support import HOST, Gearmand, do, free_port, submit_background, wait_for
 
+from gdriver.codec import RES, pack
+from gdriver.codec import PacketType as P
 from gdriver.gearman import (
     DEFAULT_PORT,
     AdminRequest,
@@ -27,28 +29,19 @@ from gdriver.gearman import (
     GearmanWorker,
     Job,
     JobFailed,
-    admin_command,
     parse_servers,
     parse_status,
 )
 
 HEADER = struct.Struct(">4sII")
 
-# packet types used by the raw peers below
-CAN_DO, PRE_SLEEP, NOOP, SUBMIT_JOB, JOB_CREATED, NO_JOB = 1, 4, 6, 7, 8, 10
-WORK_COMPLETE, WORK_FAIL, ECHO_REQ, ECHO_RES, ERROR = 13, 14, 16, 17, 19
-WORK_EXCEPTION, OPTION_REQ, OPTION_RES, WORK_WARNING = 25, 26, 27, 29
-GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ = 30, 31
-
 
 def req(ptype: int, *args: bytes) -> bytes:
-    body = b"\0".join(args)
-    return HEADER.pack(b"\0REQ", ptype, len(body)) + body
+    return pack(ptype, *args)
 
 
 def res(ptype: int, *args: bytes) -> bytes:
-    body = b"\0".join(args)
-    return HEADER.pack(b"\0RES", ptype, len(body)) + body
+    return pack(ptype, *args, magic=RES)
 
 
 class RawPeer:
@@ -126,7 +119,7 @@ class RunningWorker:
         return self
 
     def wait_registered(self, n: int, timeout: float = 5.0) -> None:
-        wait_for(lambda: self.worker.registered == n, timeout)
+        wait_for(lambda: self.worker.confirmed_servers == n, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_flag.set()
@@ -264,7 +257,14 @@ def test_result_types_and_finished_job(gearmand: Gearmand) -> None:
     Job(b"w", "f", "H:x:1", "u").send_status(1, 2)  # a hand-made Job drops what it sends
 
 
-def test_failures_reach_client_and_worker_keeps_serving(gearmand: Gearmand) -> None:
+def server_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ERROR packets the worker logged."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("gearmand error")]
+
+
+def test_failures_reach_client_and_worker_keeps_serving(
+    gearmand: Gearmand, caplog: pytest.LogCaptureFixture
+) -> None:
     def fail_msg(job: Job) -> bytes:
         raise JobFailed(b"bad input\0x")
 
@@ -287,13 +287,13 @@ def test_failures_reach_client_and_worker_keeps_serving(gearmand: Gearmand) -> N
         assert list(r.warning_updates) == [b"division by zero"]
         assert do(gearmand.address, "t.ok", b"still here").result == b"still here"
         # gearmand accepted every result packet: no ERROR came back
-        assert rw.worker.errors_received == 0, rw.worker.last_error
+        assert server_errors(caplog) == []
         assert (rw.worker.jobs_failed, rw.worker.jobs_completed) == (3, 1)
-        assert rw.worker.registered == 1
+        assert rw.worker.confirmed_servers == 1
 
 
 @pytest.mark.skipif(shutil.which("gearman") is None, reason="gearman-tools not installed")
-def test_failures_with_c_client(gearmand: Gearmand) -> None:
+def test_failures_with_c_client(gearmand: Gearmand, caplog: pytest.LogCaptureFixture) -> None:
     def fail_msg(job: Job) -> bytes:
         raise JobFailed(b"no such image")
 
@@ -301,7 +301,7 @@ def test_failures_with_c_client(gearmand: Gearmand) -> None:
         raise JobFailed()
 
     functions = {"t.c.fmsg": fail_msg, "t.c.fplain": fail_plain, "t.c.echo": echo}
-    with RunningWorker([server_of(gearmand)], functions).start(registered=1) as rw:
+    with RunningWorker([server_of(gearmand)], functions).start(registered=1):
 
         def run(fn: str) -> subprocess.CompletedProcess[bytes]:
             cmd = ["gearman", "-h", HOST, "-p", str(gearmand.port), "-f", fn, "payload"]
@@ -314,7 +314,7 @@ def test_failures_with_c_client(gearmand: Gearmand) -> None:
         assert b"no such image" in p.stderr and b"Job failed" in p.stderr
         p = run("t.c.fplain")
         assert p.returncode != 0 and b"Job failed" in p.stderr
-        assert rw.worker.errors_received == 0
+        assert server_errors(caplog) == []
 
 
 def test_gearmand_work_exception_facts(fresh_gearmand: Gearmand) -> None:
@@ -322,37 +322,37 @@ def test_gearmand_work_exception_facts(fresh_gearmand: Gearmand) -> None:
     port = fresh_gearmand.port
     worker, plain, opted = RawPeer(port), RawPeer(port), RawPeer(port)
     try:
-        worker.send(req(CAN_DO, b"t.x"), req(ECHO_REQ, b"e"))
-        assert worker.read() == [(ECHO_RES, b"e")]
-        opted.send(req(OPTION_REQ, b"exceptions"))
-        assert opted.read() == [(OPTION_RES, b"exceptions")]
-        opted.send(req(SUBMIT_JOB, b"t.x", b"", b"1"))
+        worker.send(req(P.CAN_DO, b"t.x"), req(P.ECHO_REQ, b"e"))
+        assert worker.read() == [(P.ECHO_RES, b"e")]
+        opted.send(req(P.OPTION_REQ, b"exceptions"))
+        assert opted.read() == [(P.OPTION_RES, b"exceptions")]
+        opted.send(req(P.SUBMIT_JOB, b"t.x", b"", b"1"))
         ((_, h1),) = opted.read()
-        plain.send(req(SUBMIT_JOB, b"t.x", b"", b"2"))
+        plain.send(req(P.SUBMIT_JOB, b"t.x", b"", b"2"))
         ((_, h2),) = plain.read()
 
         # WORK_EXCEPTION is final: a WORK_FAIL after it is rejected with ERROR
-        worker.send(req(GRAB_JOB_UNIQ))
+        worker.send(req(P.GRAB_JOB_UNIQ))
         assert worker.read()[0][1].split(b"\0")[0] == h1
-        worker.send(req(WORK_EXCEPTION, h1, b"boom"), req(WORK_FAIL, h1))
+        worker.send(req(P.WORK_EXCEPTION, h1, b"boom"), req(P.WORK_FAIL, h1))
         ptype, body = worker.read()[0]
-        assert ptype == ERROR and body.startswith(b"JOB_NOT_FOUND\0")
-        assert opted.read() == [(WORK_EXCEPTION, h1 + b"\0boom")]
+        assert ptype == P.ERROR and body.startswith(b"JOB_NOT_FOUND\0")
+        assert opted.read() == [(P.WORK_EXCEPTION, h1 + b"\0boom")]
         assert opted.read(timeout=0.3) == []  # and no WORK_FAIL follows
 
         # a client without the exceptions option gets WORK_FAIL with a garbled handle
-        worker.send(req(GRAB_JOB_UNIQ))
+        worker.send(req(P.GRAB_JOB_UNIQ))
         assert worker.read()[0][1].split(b"\0")[0] == h2
-        worker.send(req(WORK_EXCEPTION, h2, b"boom"))
-        assert plain.read() == [(WORK_FAIL, h2 + b"\0")]
+        worker.send(req(P.WORK_EXCEPTION, h2, b"boom"))
+        assert plain.read() == [(P.WORK_FAIL, h2 + b"\0")]
 
         # WORK_WARNING + WORK_FAIL reach both kinds of client unchanged
-        opted.send(req(SUBMIT_JOB, b"t.x", b"", b"3"))
+        opted.send(req(P.SUBMIT_JOB, b"t.x", b"", b"3"))
         ((_, h3),) = opted.read()
-        worker.send(req(GRAB_JOB_UNIQ))
+        worker.send(req(P.GRAB_JOB_UNIQ))
         assert worker.read()[0][1].split(b"\0")[0] == h3
-        worker.send(req(WORK_WARNING, h3, b"why"), req(WORK_FAIL, h3))
-        assert opted.read(2) == [(WORK_WARNING, h3 + b"\0why"), (WORK_FAIL, h3)]
+        worker.send(req(P.WORK_WARNING, h3, b"why"), req(P.WORK_FAIL, h3))
+        assert opted.read(2) == [(P.WORK_WARNING, h3 + b"\0why"), (P.WORK_FAIL, h3)]
         assert worker.read(timeout=0.3) == []
     finally:
         for peer in (worker, plain, opted):
@@ -363,25 +363,25 @@ def test_gearmand_pre_sleep_facts(fresh_gearmand: Gearmand) -> None:
     """PRE_SLEEP right after NO_JOB loses no wake-up; ECHO_REQ does not cancel the sleep."""
     worker, client = RawPeer(fresh_gearmand.port), RawPeer(fresh_gearmand.port)
     try:
-        worker.send(req(CAN_DO, b"t.sleep"), req(GRAB_JOB_UNIQ))
-        assert worker.read() == [(NO_JOB, b"")]
+        worker.send(req(P.CAN_DO, b"t.sleep"), req(P.GRAB_JOB_UNIQ))
+        assert worker.read() == [(P.NO_JOB, b"")]
         # a job arriving between NO_JOB and PRE_SLEEP: gearmand answers PRE_SLEEP with NOOP
-        client.send(req(SUBMIT_JOB, b"t.sleep", b"", b"1"))
-        assert client.read()[0][0] == JOB_CREATED
-        worker.send(req(PRE_SLEEP))
-        assert worker.read() == [(NOOP, b"")]
-        worker.send(req(GRAB_JOB_UNIQ))
+        client.send(req(P.SUBMIT_JOB, b"t.sleep", b"", b"1"))
+        assert client.read()[0][0] == P.JOB_CREATED
+        worker.send(req(P.PRE_SLEEP))
+        assert worker.read() == [(P.NOOP, b"")]
+        worker.send(req(P.GRAB_JOB_UNIQ))
         ((ptype, body),) = worker.read()
-        assert ptype == JOB_ASSIGN_UNIQ
-        worker.send(req(WORK_COMPLETE, body.split(b"\0")[0], b"r"))
-        assert client.read()[0][0] == WORK_COMPLETE
+        assert ptype == P.JOB_ASSIGN_UNIQ
+        worker.send(req(P.WORK_COMPLETE, body.split(b"\0")[0], b"r"))
+        assert client.read()[0][0] == P.WORK_COMPLETE
         # asleep, pinged, then a job arrives: the NOOP still comes
-        worker.send(req(GRAB_JOB_UNIQ))
-        assert worker.read() == [(NO_JOB, b"")]
-        worker.send(req(PRE_SLEEP), req(ECHO_REQ, b"ping"))
-        assert worker.read() == [(ECHO_RES, b"ping")]
-        client.send(req(SUBMIT_JOB, b"t.sleep", b"", b"2"))
-        assert worker.read() == [(NOOP, b"")]
+        worker.send(req(P.GRAB_JOB_UNIQ))
+        assert worker.read() == [(P.NO_JOB, b"")]
+        worker.send(req(P.PRE_SLEEP), req(P.ECHO_REQ, b"ping"))
+        assert worker.read() == [(P.ECHO_RES, b"ping")]
+        client.send(req(P.SUBMIT_JOB, b"t.sleep", b"", b"2"))
+        assert worker.read() == [(P.NOOP, b"")]
     finally:
         worker.close()
         client.close()
@@ -394,9 +394,9 @@ def test_exceptions_option_client_sees_warning_and_fail(gearmand: Gearmand) -> N
     with RunningWorker([server_of(gearmand)], {"t.opt": fail}).start(registered=1):
         client = RawPeer(gearmand.port)
         try:
-            client.send(req(OPTION_REQ, b"exceptions"), req(SUBMIT_JOB, b"t.opt", b"", b"x"))
+            client.send(req(P.OPTION_REQ, b"exceptions"), req(P.SUBMIT_JOB, b"t.opt", b"", b"x"))
             (_, (_, handle)) = client.read(2)
-            assert client.read(2) == [(WORK_WARNING, handle + b"\0nope"), (WORK_FAIL, handle)]
+            assert client.read(2) == [(P.WORK_WARNING, handle + b"\0nope"), (P.WORK_FAIL, handle)]
         finally:
             client.close()
 
@@ -498,7 +498,7 @@ def test_one_server_down_at_start() -> None:
         with RunningWorker(servers, {"t.half": echo}).start(registered=1) as rw:
             assert do(live.address, "t.half", b"ok").result == b"ok"
             time.sleep(0.3)
-            assert rw.worker.registered == 1
+            assert rw.worker.confirmed_servers == 1
     finally:
         live.stop()
 
@@ -521,7 +521,7 @@ def test_hanging_connect_does_not_block_other_server(gearmand: Gearmand) -> None
                 assert do(gearmand.address, "t.jam", b"through").result == b"through"
                 assert time.monotonic() - t0 < 2.0
                 time.sleep(0.5)  # a few connect timeouts and retries on the jammed one
-                assert rw.worker.registered == 1
+                assert rw.worker.confirmed_servers == 1
         finally:
             for filler in fillers:
                 filler.close()
@@ -609,7 +609,7 @@ def test_wake_fd_without_stop_keeps_serving(gearmand: Gearmand) -> None:
     thread = threading.Thread(target=worker.work, args=(stop.is_set, [r], on_wake), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: worker.registered == 1)
+        wait_for(lambda: worker.confirmed_servers == 1)
         os.write(w, b"1")
         wait_for(lambda: woken == [r])
         assert do(gearmand.address, "t.wake", b"on").result == b"on"
@@ -662,12 +662,12 @@ def test_stop_with_grab_outstanding_runs_the_assigned_job() -> None:
         def peer() -> None:
             conn, _ = listener.accept()
             with conn:
-                hello = read_packets_until(conn, GRAB_JOB_UNIQ)
-                conn.sendall(res(ECHO_RES, b"gdriver"))
+                hello = read_packets_until(conn, P.GRAB_JOB_UNIQ)
+                conn.sendall(res(P.ECHO_RES, b"gdriver"))
                 seen.append(hello)
                 grab_sent.set()
                 release.wait(5)
-                conn.sendall(res(JOB_ASSIGN_UNIQ, b"H:fake:1", b"t.late", b"u1", b"payload"))
+                conn.sendall(res(P.JOB_ASSIGN_UNIQ, b"H:fake:1", b"t.late", b"u1", b"payload"))
                 seen.append(read_packets_until(conn, -2, timeout=3))  # everything until EOF
 
         thread = threading.Thread(target=peer, daemon=True)
@@ -695,8 +695,8 @@ def test_stop_with_grab_outstanding_runs_the_assigned_job() -> None:
             rw.stop()
             thread.join(5)
     assert ran == [b"payload"]
-    assert [p for p, _ in seen[0]] == [CAN_DO, ECHO_REQ, GRAB_JOB_UNIQ]
-    assert seen[1] == [(WORK_COMPLETE, b"H:fake:1\0result"), (-1, b"EOF")]  # and no new grab
+    assert [p for p, _ in seen[0]] == [P.CAN_DO, P.ECHO_REQ, P.GRAB_JOB_UNIQ]
+    assert seen[1] == [(P.WORK_COMPLETE, b"H:fake:1\0result"), (-1, b"EOF")]  # and no new grab
 
 
 # --------------------------------------------------------------------------- hostile peers
@@ -757,14 +757,14 @@ def fake_servers(*specs: tuple[bytes, bool]) -> Iterator[list[FakeServer]]:
 
 def test_hostile_servers_do_not_crash_the_worker(gearmand: Gearmand) -> None:
     specs = [
-        (b"XXXX" + struct.pack(">II", ECHO_RES, 0), False),  # bad magic
-        (HEADER.pack(b"\0RES", JOB_ASSIGN_UNIQ, 100 << 20), False),  # absurd size
+        (b"XXXX" + struct.pack(">II", P.ECHO_RES, 0), False),  # bad magic
+        (HEADER.pack(b"\0RES", P.JOB_ASSIGN_UNIQ, 100 << 20), False),  # absurd size
         (res(99), False),  # unknown type
-        (HEADER.pack(b"\0RES", JOB_ASSIGN_UNIQ, 100) + b"H:1\0", True),  # truncated, EOF
-        (HEADER.pack(b"\0RES", JOB_ASSIGN_UNIQ, 100) + b"H:1\0", False),  # truncated, silent
+        (HEADER.pack(b"\0RES", P.JOB_ASSIGN_UNIQ, 100) + b"H:1\0", True),  # truncated, EOF
+        (HEADER.pack(b"\0RES", P.JOB_ASSIGN_UNIQ, 100) + b"H:1\0", False),  # truncated, silent
         (b"HTTP/1.1 400 Bad Request\r\n\r\n", True),  # not gearman at all
-        (res(JOB_ASSIGN_UNIQ, b"H:1", b"t.hostile"), False),  # too few fields
-        (res(NO_JOB) + res(NO_JOB), False),  # a reply to nothing
+        (res(P.JOB_ASSIGN_UNIQ, b"H:1", b"t.hostile"), False),  # too few fields
+        (res(P.NO_JOB) + res(P.NO_JOB), False),  # a reply to nothing
     ]
     with fake_servers(*specs) as fakes:
         servers = [(HOST, f.port) for f in fakes] + [server_of(gearmand)]
@@ -775,25 +775,27 @@ def test_hostile_servers_do_not_crash_the_worker(gearmand: Gearmand) -> None:
             wait_for(lambda: all(f.connections >= 2 for f in fakes), timeout=5)
             assert do(gearmand.address, "t.hostile", b"fine").result == b"fine"
             assert rw.thread.is_alive()
-            assert rw.worker.registered == 1
+            assert rw.worker.confirmed_servers == 1
             assert rw.registrations == [1]
 
 
-def test_server_error_packet_is_recorded_not_fatal(gearmand: Gearmand) -> None:
-    reply = res(ERROR, b"ERR_CODE", b"something odd") + res(ECHO_RES, b"gdriver")
+def test_server_error_packet_is_logged_not_fatal(
+    gearmand: Gearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    reply = res(P.ERROR, b"ERR_CODE", b"something odd") + res(P.ECHO_RES, b"gdriver")
     with fake_servers((reply, False)) as (fake,):
         rw = RunningWorker([(HOST, fake.port)], {"t.err": echo})
         rw.worker.stop_grace = 0.3  # the fake never answers the grab
         with rw.start(registered=1):
-            assert rw.worker.errors_received == 1
-            assert "something odd" in (rw.worker.last_error or "")
+            errors = server_errors(caplog)
+            assert len(errors) == 1 and errors[0].endswith(": ERR_CODE: something odd"), errors
             time.sleep(0.2)
             assert fake.connections == 1
 
 
 def test_registration_lost_when_server_turns_hostile() -> None:
     # confirms the registration, then sends garbage: up, down, up, down ...
-    reply = res(ECHO_RES, b"gdriver") + b"garbage-garbage-garbage"
+    reply = res(P.ECHO_RES, b"gdriver") + b"garbage-garbage-garbage"
     with fake_servers((reply, False)) as (fake,):
         rw = RunningWorker([(HOST, fake.port)], {"t.flaky": echo}, reconnect_max=0.1)
         with rw.start():
@@ -880,22 +882,13 @@ def test_admin_request_bad_replies(reply: bytes, error: str) -> None:
     assert request.error == error
 
 
-def test_admin_command_blocking(gearmand: Gearmand) -> None:
-    with RunningWorker([server_of(gearmand)], {"t.blocking": echo}, client_id="blk").start(1):
-        lines = admin_command(server_of(gearmand), "workers")
-        assert any(line.endswith("blk : t.blocking") for line in lines)
-        assert parse_status(admin_command(server_of(gearmand), "status"))["t.blocking"].workers == 1
-    assert admin_command(server_of(gearmand), "version")[0].startswith("OK ")
-    assert admin_command(server_of(gearmand), "nonsense")[0].startswith("ERR ")
-    with pytest.raises(ConnectionRefusedError):
-        admin_command((HOST, free_port()), "status")
-    with socket.socket() as silent:
-        silent.bind((HOST, 0))
-        silent.listen(1)
-        with pytest.raises(TimeoutError):
-            admin_command(silent.getsockname(), "status", timeout=0.3)
+def test_admin_request_lists_workers_and_takes_one_line(gearmand: Gearmand) -> None:
+    with RunningWorker([server_of(gearmand)], {"t.admin": echo}, client_id="adm").start(1):
+        workers = drive(AdminRequest(server_of(gearmand), "workers", 2.0))
+        assert workers.error is None
+        assert any(line.endswith("adm : t.admin") for line in workers.lines)
     with pytest.raises(ValueError):
-        admin_command(server_of(gearmand), "status\nshutdown")
+        AdminRequest(server_of(gearmand), "status\nshutdown", 2.0)
 
 
 def test_parse_status_skips_malformed_lines() -> None:

@@ -14,7 +14,6 @@ JOB = R + "results"  # every method is in the process group "results"
 OPTIONS = {
     "GLOBAL": {"opt_a": "global", "opt_g": "only global", "server": "not.this:1"},
     "live.results.Results": {"opt_a": "class"},
-    "live.runtime_option.RuntimeOption": {"opt_a": "another class"},
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import re
 import sys
 import textwrap
@@ -299,16 +298,40 @@ def test_min_greater_than_max_in_a_module_is_fatal(tree: Callable[..., str]) -> 
         load([top], server="127.0.0.1:1")
 
 
-def test_runtime_attributes_for_unknown_jobs_warn(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="gdriver.loader"):
-        specs = load(
+def test_runtime_attributes_for_unknown_jobs_are_fatal_with_the_nearest_name() -> None:
+    with pytest.raises(LoadError) as info:
+        load(
             ["live.max_idle_time"],
-            runtime_attributes={"live.max_idle_time.MaxIdleTime.nope": {"max_processes": 3}},
+            runtime_attributes={"live.max_idle_time.MaxIdleTime.get_pdi": {"max_processes": 3}},
             server="127.0.0.1:1",
         )
-    assert [(s.min_processes, s.max_processes) for s in specs] == [(0, 1)]
-    assert any("no job matches live.max_idle_time.MaxIdleTime.nope" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert str(info.value) == (
+        "job_runtime_attributes: 'live.max_idle_time.MaxIdleTime.get_pdi' names no loaded job"
+        " (did you mean live.max_idle_time.MaxIdleTime.get_pid?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("live.runtime_option.RuntimeOptoin", " (did you mean live.runtime_option.RuntimeOption?)"),
+        ("Global", " (did you mean GLOBAL?)"),
+        ("elsewhere.Nothing", ""),
+    ],
+)
+def test_worker_options_for_classes_not_loaded_are_fatal(key: str, hint: str) -> None:
+    with pytest.raises(LoadError) as info:
+        load(["live.runtime_option"], worker_options={key: {"foo": 1}}, server="127.0.0.1:5")
+    assert str(info.value) == f"worker_options: {key!r} names no loaded class{hint}"
+
+
+def test_worker_options_by_bare_class_name_and_global_are_known() -> None:
+    (spec,) = load(
+        ["live.runtime_option"],
+        worker_options={"GLOBAL": {"foo": "g"}, "RuntimeOption": {"foo": "bare"}},
+        server="127.0.0.1:5",
+    )[:1]
+    assert spec.worker.foo == "bare"
 
 
 def test_worker_options_reach_the_instances() -> None:

@@ -5,13 +5,16 @@ silent gearmand."""
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -128,7 +131,8 @@ def test_metric_contract(gearmand: Gearmand) -> None:
             assert fams[name].type == "gauge", name
             assert all(set(x.labels) == {"function"} for x in fams[name].samples), name
 
-        # every function gearmand reports, ours or not (as of the observer's latest poll)
+        # the functions gearmand reports of our module (served or watched by default), no
+        # other: the session's gearmand also lists every other test's functions
         def functions() -> set[str]:
             families = scrape(d)[0]
             by_gauge = [
@@ -136,8 +140,13 @@ def test_metric_contract(gearmand: Gearmand) -> None:
             ]
             return by_gauge[0] if by_gauge[0] == by_gauge[1] == by_gauge[2] else set()
 
-        wait_for(lambda: functions() == set(gearmand.status()), timeout=5)
+        ours = {fn for fn in gearmand.status() if fn.startswith("obs.metered.")}
+        wait_for(lambda: functions() == ours, timeout=5)
         assert {OK, BAD, BOOM} <= functions()
+        assert fams["gdriver_function_info"].type == "gauge"
+        info = {(x.labels["job_name"], x.labels["function"]) for x in
+                fams["gdriver_function_info"].samples if x.value == 1}  # fmt: skip
+        assert info == {(SLOW, SLOW), (OUTCOMES, OK), (OUTCOMES, BAD), (OUTCOMES, BOOM)}
         assert value(s, "gdriver_queue_workers", function=OK) == 1
         assert value(s, "gdriver_queue_jobs", function=OK) == 0
 
@@ -207,7 +216,7 @@ def test_metric_contract(gearmand: Gearmand) -> None:
 
 def test_backlog_moves_the_gauges(fresh_gearmand: Gearmand) -> None:
     g = fresh_gearmand
-    nobody = "obs.nobody.serves.this"
+    nobody = "obs.metered.Nobody.serves"  # our module's neighbour: watched by default
     with running(g, "--namespaces", "obs.metered", "--interval", "1", metrics=True) as d:
         serving(d)
         wait_for(lambda: ready(d) and polled(d), timeout=15)
@@ -310,3 +319,125 @@ def test_healthz_with_a_gearmand_that_never_answers() -> None:
                 assert (status, body) == (503, b"no gearmand answers\n")
                 time.sleep(0.3)
             assert metric(d, "gdriver_gearmand_up", server=address) == 0
+
+
+# -- queue series: only what answers, only what concerns us -------------------------------------
+
+
+QUEUE_SERIES = (*GAUGES_BY_FUNCTION, "gdriver_unknown_function_jobs")
+GONE = "obs.metered.Gone.run"  # nobody serves it; our module's neighbour, so watched
+CONSOLE = "obs.console.Console."
+PAIRS = {(SLOW, SLOW), (OUTCOMES, OK), (OUTCOMES, BAD), (OUTCOMES, BOOM)}
+
+
+def queue_series(d: Gdriver) -> dict[tuple[str, str], float]:
+    return {(name, dict(labels)["function"]): v for (name, labels), v in scrape(d)[1].items()
+            if name in QUEUE_SERIES}  # fmt: skip
+
+
+def function_pairs(d: Gdriver) -> set[tuple[str, str]]:
+    samples = scrape(d)[0]["gdriver_function_info"].samples
+    assert all(x.value == 1 for x in samples)
+    return {(x.labels["job_name"], x.labels["function"]) for x in samples}
+
+
+def test_queue_series_follow_the_servers_that_answer() -> None:
+    """A server that stops answering takes its part of the queue gauges with it, from the
+    round that failed; none answering: no queue series at all; back: series back."""
+    a = Gearmand().start()
+    b = Gearmand()
+    try:
+        b.start()
+        servers = f"{a.address},{b.address}"
+        with running(servers, "--namespaces", "obs.metered", "--interval", "1",
+                     metrics=True) as d:  # fmt: skip
+            serving(d)
+            wait_for(lambda: ready(d) and polled(d), timeout=15)
+            submit_background(a.address, GONE, [b"x"] * 3)
+            submit_background(b.address, GONE, [b"x"] * 5)
+            wait_for(lambda: metric(d, "gdriver_unknown_function_jobs", function=GONE) == 8, 10)
+            # the outcomes process registered on both servers
+            wait_for(lambda: metric(d, "gdriver_queue_workers", function=OK) == 2, 10)
+
+            b.stop()
+            wait_for(lambda: metric(d, "gdriver_gearmand_up", server=b.address) == 0, 10)
+            s = scrape(d)[1]  # the round that found b down also set the queue gauges
+            assert value(s, "gdriver_gearmand_up", server=a.address) == 1
+            assert value(s, "gdriver_unknown_function_jobs", function=GONE) == 3
+            assert value(s, "gdriver_queue_jobs", function=GONE) == 3
+            assert value(s, "gdriver_queue_workers", function=OK) == 1
+
+            a.stop()
+            wait_for(lambda: metric(d, "gdriver_gearmand_up", server=a.address) == 0, 10)
+            polls = metric(d, "gdriver_observer_poll_duration_seconds_count") or 0
+            assert queue_series(d) == {}
+            # and so it stays, round after round, for the whole outage
+            wait_for(lambda: metric(d, "gdriver_observer_poll_duration_seconds_count") >= polls + 2,
+                     timeout=10)  # fmt: skip
+            assert queue_series(d) == {}
+            assert request(d, "/readyz")[0] == 503
+
+            a.start()
+            b.start()
+            submit_background(b.address, GONE, [b"x"] * 2)
+            wait_for(lambda: metric(d, "gdriver_unknown_function_jobs", function=GONE) == 2, 15)
+            wait_for(lambda: metric(d, "gdriver_queue_workers", function=OK) == 2, 15)
+            assert metric(d, "gdriver_queue_jobs", function=OK) == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_function_info_and_buckets(fresh_gearmand: Gearmand) -> None:
+    """gdriver_function_info pairs every job with its functions (process groups too) and
+    follows a reload; duration_buckets shapes the histogram and waits for a restart."""
+    g = fresh_gearmand
+    config = {"namespaces": ["obs.metered", "obs.console"], "interval": 1,
+              "duration_buckets": [0.5, 1, 2]}  # fmt: skip
+    with running(g, config=config, metrics=True) as d:
+        serving(d)
+        wait_for(lambda: ready(d) and polled(d), timeout=15)
+        console_pairs = {(CONSOLE + m, CONSOLE + m) for m in ("ping", "pong")}
+        assert function_pairs(d) == PAIRS | console_pairs
+        do(g.address, OK)
+        labels = {"job_name": OUTCOMES, "function": OK}
+        wait_for(lambda: metric(d, "gdriver_job_duration_seconds_count", **labels) == 1, 10)
+        buckets = scrape(d)[0]["gdriver_job_duration_seconds"].samples
+        bounds = [x.labels["le"] for x in buckets if x.name.endswith("_bucket")]
+        assert bounds == ["0.5", "1.0", "2.0", "+Inf"]
+
+        config.update(namespaces=["obs.metered"], duration_buckets=[1, 2])
+        (d.tmp / "config.yml").write_text(yaml.safe_dump(config))
+        os.kill(d.pid, signal.SIGHUP)
+        d.wait_log(lambda r: r.get("event") == "reloaded", 10)
+        wait_for(lambda: function_pairs(d) == PAIRS, timeout=10)
+        warned = d.wait_log(lambda r: "take effect at the next start" in r.get("message", ""))
+        assert "duration_buckets" in warned["message"]
+        buckets = scrape(d)[0]["gdriver_job_duration_seconds"].samples
+        assert [x.labels["le"] for x in buckets if x.name.endswith("_bucket")] == bounds
+
+
+def test_other_teams_functions_stay_out(fresh_gearmand: Gearmand) -> None:
+    """On a shared gearmand, a function outside watch_functions (default: our modules) has
+    no series and raises no warning, however long its backlog; watched, it is unknown."""
+    g = fresh_gearmand
+    foreign = "billing.invoices.Invoices.render"
+    submit_background(g.address, foreign, [b"x"] * 7)
+    submit_background(g.address, GONE, [b"x"] * 2)
+    config: dict[str, Any] = {"namespaces": ["obs.metered"], "interval": 1}
+    with running(g, config=config, metrics=True) as d:
+        serving(d)
+        wait_for(lambda: metric(d, "gdriver_unknown_function_jobs", function=GONE) == 2, 15)
+        assert {fn for _, fn in queue_series(d)} <= {SLOW, OK, BAD, BOOM, GONE}
+        text = request(d, "/metrics")[2].decode()
+        assert foreign not in text
+        warned = [r for r in d.records() if r.get("event") == "unknown_function"]
+        assert [r["function"] for r in warned] == [GONE]
+
+        config["watch_functions"] = ["billing.*.Invoices.*", "obs.metered."]
+        (d.tmp / "config.yml").write_text(yaml.safe_dump(config))
+        os.kill(d.pid, signal.SIGHUP)
+        wait_for(lambda: metric(d, "gdriver_unknown_function_jobs", function=foreign) == 7, 10)
+        assert metric(d, "gdriver_queue_jobs", function=foreign) == 7
+        assert metric(d, "gdriver_unknown_function_jobs", function=GONE) == 2
+        d.wait_log(lambda r: r.get("event") == "unknown_function" and r["function"] == foreign)

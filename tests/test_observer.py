@@ -8,7 +8,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gdriver.gearman import FunctionStatus
-from gdriver.observer import Decision, JobView, ProcessView, Start, Stop, decide, merge_status
+from gdriver.observer import (
+    Decision,
+    JobView,
+    ProcessView,
+    Start,
+    Stop,
+    decide,
+    merge_status,
+    share,
+)
 
 NOW = 1000.0
 
@@ -19,9 +28,14 @@ def proc(pid: int, busy: bool = False, idle_for: float | None = 100.0) -> Proces
 
 
 def view(
-    name: str, low: int, high: int, *procs: ProcessView, functions: tuple[str, ...] = ()
+    name: str,
+    low: int,
+    high: int,
+    *procs: ProcessView,
+    functions: tuple[str, ...] = (),
+    wakers: int = 0,
 ) -> JobView:
-    return JobView(name, low, high, functions or (name,), tuple(procs))
+    return JobView(name, low, high, functions or (name,), tuple(procs), wakers)
 
 
 def st_(total: int, running: int = 0, workers: int = 0) -> FunctionStatus:
@@ -170,7 +184,8 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, FunctionStatus], list[JobView]
                 )
             )
             pid += 1
-        jobs.append(JobView(f"j{j}", low, high, functions, tuple(procs)))
+        wakers = draw(st.integers(0, 1)) if not procs else 0
+        jobs.append(JobView(f"j{j}", low, high, functions, tuple(procs), wakers))
     names = [f for job in jobs for f in job.functions] + ["stranger.a", "stranger.b"]
     status = {}
     for fn in draw(st.lists(st.sampled_from(names), unique=True)):
@@ -224,7 +239,9 @@ def test_properties(
         backlog = [s for s in decision.starts if s.job_name == job.name and s.reason == "backlog"]
         if backlog:
             assert with_status and busy == count and count >= job.min_processes
-            assert backlog[0].count == min(waiting, job.max_processes - count)
+            fleet = max((status[f].workers for f in job.functions if f in status), default=0)
+            mine = share(waiting, count + job.wakers, fleet)
+            assert backlog[0].count == min(mine, job.max_processes - count)
         elif (
             with_status
             and waiting
@@ -268,3 +285,124 @@ def test_decide_is_deterministic(
     status, jobs, max_idle = scenario
     assume(jobs)
     assert decide(status, jobs, NOW, max_idle) == decide(status, jobs, NOW, max_idle)
+
+
+# -- a fleet of replicas on one gearmand ----------------------------------------------------------
+
+
+def busy_view(count: int, high: int, wakers: int = 0, low: int = 0) -> JobView:
+    return view("a", low, high, *(proc(i + 1, True) for i in range(count)), wakers=wakers)
+
+
+def backlog_starts(decision: Decision) -> int:
+    return sum(s.count for s in decision.starts if s.reason == "backlog")
+
+
+def test_alone_a_replica_starts_the_whole_backlog() -> None:
+    # gearmand's workers are exactly our two busy processes: nothing changes
+    assert run({"a": st_(12, 2, 2)}, busy_view(2, 20)).starts == (Start("a", 10, "backlog"),)
+    # our waker is the only worker: the whole backlog
+    assert run({"a": st_(30, 0, 1)}, busy_view(0, 20, wakers=1)).starts == (
+        Start("a", 20, "backlog"),
+    )
+
+
+def test_three_replicas_with_wakers_start_a_third_each() -> None:
+    # min 0, no process anywhere: gearmand counts the three replicas' wakers as workers
+    d = run({"a": st_(30, 0, 3)}, busy_view(0, 20, wakers=1))
+    assert d.starts == (Start("a", 10, "backlog"),)
+    assert d.desired == {"a": 10}
+
+
+def test_share_follows_the_replicas_part_of_the_workers() -> None:
+    # 2 of gearmand's 8 workers are ours: a quarter of 20 waiting
+    assert run({"a": st_(28, 8, 8)}, busy_view(2, 20)).starts == (Start("a", 5, "backlog"),)
+    # registered on two servers: status sums both, each of our processes counts twice
+    d = decide({"a": st_(56, 16, 16)}, [busy_view(2, 20)], NOW, 0.0, servers=2)
+    assert d.starts == (Start("a", 10, "backlog"),)
+
+
+def test_a_replica_gearmand_does_not_see_yet_still_starts_one() -> None:
+    # no process and no waker of ours registered; 4 elsewhere, all busy
+    assert run({"a": st_(10, 4, 4)}, busy_view(0, 20)).starts == (Start("a", 2, "backlog"),)
+    assert share(1, 0, 50) == 1
+
+
+def test_share_examples() -> None:
+    assert share(0, 3, 9) == 0
+    assert share(30, 1, 3) == 10
+    assert share(31, 1, 3) == 11  # rounded up
+    assert share(30, 3, 3) == 30 and share(30, 5, 3) == 30  # nobody else (or a stale count)
+    assert share(7, 0, 0) == 7  # nothing anywhere serves it
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int, int, int]:
+    """Replicas as (busy processes, wakers); the job's max; waiting jobs; servers."""
+    high = draw(st.integers(1, 30))
+    replicas = []
+    for _ in range(draw(st.integers(1, 6))):
+        count = draw(st.integers(0, high))
+        replicas.append((count, 1 if count == 0 else 0))  # a replica without process has a waker
+    return replicas, high, draw(st.integers(0, 300)), draw(st.integers(1, 3))
+
+
+def fleet_round(
+    replicas: list[tuple[int, int]], high: int, waiting: int, servers: int
+) -> list[int]:
+    """Every replica decides on the same gearmand status; the starts of each."""
+    running = sum(c for c, _ in replicas)
+    workers = sum(c * servers + w for c, w in replicas)
+    status = {"a": FunctionStatus(waiting + running, running, workers)}
+    return [
+        backlog_starts(decide(status, [busy_view(c, high, wakers=w)], NOW, 0.0, servers=servers))
+        for c, w in replicas
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(fleets())
+def test_fleet_properties(fleet: tuple[list[tuple[int, int]], int, int, int]) -> None:
+    replicas, high, waiting, servers = fleet
+    starts = fleet_round(replicas, high, waiting, servers)
+    for (count, _), n in zip(replicas, starts, strict=True):
+        assert count + n <= high  # never above max
+        assert n >= (1 if waiting and count < high else 0)  # a replica with room helps
+    # together the replicas start about the backlog, not R times it
+    assert sum(starts) <= 1.2 * waiting + len(replicas)
+    if len(replicas) == 1:
+        assert starts[0] == min(waiting, high - replicas[0][0])  # alone: as before
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets())
+def test_fleet_converges_with_repolls(fleet: tuple[list[tuple[int, int]], int, int, int]) -> None:
+    """Long jobs; each round every replica re-polls, and new processes take waiting jobs.
+    The fleet serves the backlog (or reaches every max) without starting more than it."""
+    replicas, high, waiting, servers = fleet
+    started = rounds = 0
+    while rounds < 400:
+        starts = fleet_round(replicas, high, waiting, servers)
+        if not any(starts):
+            break
+        rounds += 1
+        started += sum(starts)
+        waiting = max(0, waiting - sum(starts))
+        replicas = [(c + n, 0 if c + n else w) for (c, w), n in zip(replicas, starts, strict=True)]
+    assert waiting == 0 or all(c == high for c, _ in replicas)
+    assert started <= fleet[2] + len(replicas)
+    assert rounds <= 1 + fleet[2]
+
+
+def test_fleet_of_three_from_zero_converges_in_one_round() -> None:
+    replicas = [(0, 1)] * 3
+    assert fleet_round(replicas, 20, 30, 1) == [10, 10, 10]
+    assert fleet_round(replicas, 20, 90, 1) == [20, 20, 20]
+    # one replica at its max, two idle: the two others ramp up, and stop at the backlog
+    replicas, waiting, total = [(20, 0), (0, 1), (0, 1)], 40, 0
+    for _ in range(6):
+        starts = fleet_round(replicas, 20, waiting, 1)
+        total += sum(starts)
+        waiting -= sum(starts)
+        replicas = [(c + n, 0 if c + n else w) for (c, w), n in zip(replicas, starts, strict=True)]
+    assert waiting <= 0 and total <= 42

@@ -24,6 +24,7 @@ from support import (
     console_raw,
     do,
     free_port,
+    http_status,
     pid_alive,
     submit_background,
     wait_for,
@@ -34,14 +35,6 @@ NS = ("--namespaces", "drill.jobs")
 
 def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
-
-
-def http_status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=3) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -299,8 +292,9 @@ def test_console_survives_garbage_floods_and_many_connections(gearmand):
                 s.settimeout(5)
                 s.connect((HOST, g.console_port))
                 socks.append(s)
-            assert socks[-1].recv(100).startswith(b"ERR too_many_connections")
-            for s in socks[:20]:
+            # past 64 the least recently active connections were closed to make room
+            assert socks[0].recv(100) == b""
+            for s in socks[-20:]:
                 s.sendall(b"stat")  # half-open: a partial line, never finished
         finally:
             for s in socks:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import pytest
+from live_helpers import FAST, call, show_pids, wait_registered
+from support import Gearmand, running
 
 from gdriver import Worker, job
 from gdriver.jobs import JobSpec
@@ -145,7 +149,7 @@ def test_invalid_process_counts_are_fatal(bad: Any) -> None:
         def a(self, job: Any, workload: Any) -> None:
             return None
 
-    with pytest.raises(LoadError, match="max_processes must be an integer >= 0"):
+    with pytest.raises(LoadError, match="max_processes: must be an integer between 0 and 4096"):
         job_specs(W())
 
 
@@ -332,7 +336,7 @@ def test_invalid_timeout_is_a_load_error_not_a_crash() -> None:
         def a(self, job: Any, workload: Any) -> None:
             return None
 
-    with pytest.raises(LoadError, match="timeout must be a number >= 0"):
+    with pytest.raises(LoadError, match="timeout: must be a number between 0 and"):
         job_specs(W())
 
 
@@ -553,3 +557,34 @@ def test_t011_process_group_max_idle_time_prefix() -> None:
         "foo_bar_grp": ["foo_bar_first", "foo_bar_second"],
         "foo_bar_method": ["foo_bar_method"],
     }
+
+
+# -- after_fork and Worker.client, live ----------------------------------------------------------
+
+
+def test_after_fork_runs_once_per_process_and_client_submits_follow_up_jobs(
+    gearmand: Gearmand,
+) -> None:
+    af = "live.after_fork.AfterFork."
+    with running(gearmand, *FAST, "--namespaces", "live.after_fork") as g:
+        wait_registered(gearmand, af + "whoami", af + "follow_up")
+        seen = set()
+        for _ in range(6):
+            pid, opened_in, calls = call(gearmand, af + "whoami").decode().split()
+            assert (pid, calls) == (opened_in, "1")  # in this process, once
+            seen.add(int(pid))
+        assert g.pid not in seen  # never in the supervisor
+        pid, opened_in, calls = call(gearmand, af + "follow_up").decode().split()
+        assert pid == opened_in and int(pid) in set(show_pids(g, af + "whoami"))
+
+
+def test_a_reload_that_drops_a_console_override_says_so(gearmand: Gearmand) -> None:
+    ping = "obs.console.Console.ping"
+    with running(gearmand, *FAST, "--namespaces", "obs.console", config={}) as g:
+        assert g.console(f"set_max_processes {ping} 3") == ["OK"]
+        os.kill(g.pid, signal.SIGHUP)
+        record = g.wait_log(lambda r: r.get("event") == "override_dropped")
+        assert record["job_name"] == ping and "max 3" in record["message"]
+        g.wait_log(lambda r: r.get("event") == "reloaded")
+        assert g.console(f"show {ping}")[0].startswith(f"{ping}  0  1  ")
+        assert len([r for r in g.records() if r.get("event") == "override_dropped"]) == 1

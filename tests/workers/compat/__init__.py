@@ -1,0 +1,1 @@
+"""Jobs the compatibility matrix runs through every Gearman client and server."""

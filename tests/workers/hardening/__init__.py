@@ -1,0 +1,1 @@
+"""Workers for the hardening drills, one namespace per drill."""

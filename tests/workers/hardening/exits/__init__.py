@@ -1,0 +1,1 @@
+"""A module that may end the interpreter while it is imported."""

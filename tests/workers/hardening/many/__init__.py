@@ -1,0 +1,1 @@
+"""Many small jobs, to run a supervisor out of descriptors."""

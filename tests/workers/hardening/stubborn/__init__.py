@@ -1,0 +1,1 @@
+"""Workers that ignore what the supervisor asks."""

@@ -1,0 +1,71 @@
+"""Jobs that kill their own process, so the poison drills can count the deaths."""
+
+import ctypes
+import os
+import signal
+import time
+
+from gdriver import Worker, job
+
+
+def record(path, line):
+    # one small O_APPEND write per line: atomic across processes
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def die(kind):
+    if kind == "exit":
+        os._exit(3)
+    if kind == "segv":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    if kind == "hang":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # its timeout cannot fire
+        time.sleep(120)
+
+
+class Poison(Worker):
+    prefix = "poison."
+    ledger = "/dev/null"  # set with worker_options: one line per run
+    marks = ""  # a directory: a job listed in crash dies on its first run only
+
+    @job(min_processes=1, max_processes=1)
+    def exit(self, job, workload):
+        record(self.ledger, f"exit {job.handle}")
+        die("exit")
+
+    @job(min_processes=1, max_processes=1)
+    def segv(self, job, workload):
+        record(self.ledger, f"segv {job.handle}")
+        die("segv")
+
+    @job(min_processes=1, max_processes=1, timeout=0.5)
+    def hang(self, job, workload):
+        record(self.ledger, f"hang {job.handle}")
+        die("hang")
+
+    @job(min_processes=1, max_processes=1)
+    def mixed(self, job, workload):
+        """``die:<kind>`` dies, anything else is echoed."""
+        text = workload.decode()
+        record(self.ledger, f"mixed {text}")
+        if text.startswith("die:"):
+            die(text[4:])
+        return workload
+
+    @job(min_processes=1, max_processes=1)
+    def batch(self, job, workload):
+        """``<n>:<k>``: every k-th job dies at its first run (exit 0, as a job that calls
+        os._exit would); every 7th raises; the others complete."""
+        n, k = (int(x) for x in workload.decode().split(":"))
+        mark = os.path.join(self.marks, str(n))
+        if n % k == k - 1 and not os.path.exists(mark):
+            open(mark, "w").close()
+            os._exit(0)
+        if n % 7 == 0:
+            raise ValueError(f"job {n} fails")
+        record(self.ledger, str(n))
+        return workload
