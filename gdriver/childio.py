@@ -15,6 +15,7 @@ import selectors
 import socket
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from gdriver import logs
 from gdriver.loop import EventLoop
@@ -167,6 +168,26 @@ class Children(dict[int, ChildIO]):
     def __init__(self) -> None:
         super().__init__()
         self.behind: set[int] = set()  # pids whose channel was full for an update
+        self._fds: list[int] | None = []  # every supervisor end; None: to be rebuilt
+
+    def __setitem__(self, pid: int, io: ChildIO) -> None:
+        super().__setitem__(pid, io)
+        if self._fds is not None:
+            self._fds.extend(io.fds())  # every fork asks: no walk over a thousand processes
+
+    def __delitem__(self, pid: int) -> None:
+        super().__delitem__(pid)
+        self._fds = None
+
+    def pop(self, pid: int, *default: Any) -> Any:
+        self._fds = None
+        return super().pop(pid, *default)
+
+    def fds(self) -> list[int]:
+        """The supervisor's ends of every process's I/O (a new child closes them)."""
+        if self._fds is None:
+            self._fds = [fd for io in self.values() for fd in io.fds()]
+        return self._fds
 
     def broadcast(self, message: bytes) -> None:
         """A gearmand name resolves to new addresses: tell every worker process (they never

@@ -37,6 +37,7 @@ __all__ = [
     "pack",
     "resolve",
     "unpack",
+    "unpack_header",
 ]
 
 
@@ -81,6 +82,8 @@ MAX_PACKET_SIZE = 64 * 1024 * 1024
 
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
+#: (magic, type, size) of the header at an offset, unchecked: for a loop that checks inline.
+unpack_header = _HEADER.unpack_from
 
 
 class MalformedPacket(ValueError):
@@ -171,15 +174,28 @@ def connect_error(sock: socket.socket) -> str | None:
     return errno_text(err) if err else None
 
 
+#: A dead link (cut, or a host gone without a RST) is noticed within LINK_TIMEOUT s of the
+#: last unacknowledged send, and within LINK_TIMEOUT + KEEPALIVE_INTERVAL s of the last packet
+#: received on an idle connection: the kernel sends keepalive probes after KEEPALIVE_IDLE s
+#: of silence (no packet while data flows) and drops the connection when data or probes stay
+#: unacknowledged for LINK_TIMEOUT s (TCP_USER_TIMEOUT, Linux); the caller sees ETIMEDOUT
+#: and reconnects.
+KEEPALIVE_IDLE = 2
+KEEPALIVE_INTERVAL = 1
+LINK_TIMEOUT = 8
+
+
 def _tune(sock: socket.socket) -> None:
-    # results go out at once; keepalive notices a server that vanished without a FIN
+    # results go out at once; keepalive and the user timeout bound a half-open connection
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, LINK_TIMEOUT)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_TIMEOUT * 1000)
     except OSError:
         pass
 

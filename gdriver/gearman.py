@@ -43,8 +43,9 @@ from typing import Any, NoReturn
 
 from gdriver.codec import (
     HEADER_SIZE,
+    MAX_PACKET_SIZE,
+    RES,
     Address,
-    MalformedPacket,
     PacketType,
     connect,
     connect_error,
@@ -53,6 +54,7 @@ from gdriver.codec import (
     pack,
     resolve,
     unpack,
+    unpack_header,
 )
 
 __all__ = [
@@ -803,11 +805,13 @@ class GearmanWorker:
         gen = c.gen
         handlers = self._on_packet
         while total - pos >= HEADER_SIZE:
-            try:
-                ptype, start, end = unpack(data, pos)
-            except MalformedPacket:
+            # codec.unpack() inlined: this loop runs for every packet of every job
+            magic, ptype, size = unpack_header(data, pos)
+            if magic != RES or size > MAX_PACKET_SIZE:
                 self._drop(c, "malformed packet from server")
                 return
+            start = pos + HEADER_SIZE
+            end = start + size
             if end > total:
                 break
             pos = end

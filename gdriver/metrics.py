@@ -45,6 +45,35 @@ class Metrics:
             jn,
             registry=r,
         )
+        self._queue_series(r)
+        self._event_series(r, jn, tuple(duration_buckets))
+        self.gearmand_up = Gauge(
+            "gdriver_gearmand_up",
+            "1 if the last admin poll of this server worked.",
+            ["server"],
+            registry=r,
+        )
+        self.poll_duration = Histogram(
+            "gdriver_observer_poll_duration_seconds",
+            "Time to poll every gearmand's status.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.build_info = Gauge("gdriver_build_info", "gdriver version.", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.function_info = Gauge(
+            "gdriver_function_info",
+            "1 for each function a job serves: joins job_name to function.",
+            ["job_name", "function"],
+            registry=r,
+        )
+        self._job_functions: dict[str, frozenset[str]] = {}
+        # function -> its (waiting, running, workers) gauge children, as last set
+        self._queue: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
+        self._unknown: dict[str, Gauge] = {}
+
+    def _queue_series(self, r: CollectorRegistry) -> None:
+        """What gearmand reports, per function."""
         fn = ["function"]
         self.queue_jobs = Gauge(
             "gdriver_queue_jobs",
@@ -65,6 +94,11 @@ class Metrics:
             fn,
             registry=r,
         )
+
+    def _event_series(
+        self, r: CollectorRegistry, jn: list[str], buckets: tuple[float, ...]
+    ) -> None:
+        """Counters and histograms of what happened to jobs and processes."""
         self.scaling = Counter(
             "gdriver_scaling_decisions",
             "Processes started (up) or stopped (down) by the observer and supervisor.",
@@ -78,7 +112,7 @@ class Metrics:
             "gdriver_job_duration_seconds",
             "Time spent in a job, decode to encode.",
             ["job_name", "function"],
-            buckets=tuple(duration_buckets),
+            buckets=buckets,
             registry=r,
         )
         self.process_starts = Counter(
@@ -108,30 +142,6 @@ class Metrics:
         self.job_timeouts = Counter(
             "gdriver_job_timeouts", "Jobs stopped for running past their timeout.", jn, registry=r
         )
-        self.gearmand_up = Gauge(
-            "gdriver_gearmand_up",
-            "1 if the last admin poll of this server worked.",
-            ["server"],
-            registry=r,
-        )
-        self.poll_duration = Histogram(
-            "gdriver_observer_poll_duration_seconds",
-            "Time to poll every gearmand's status.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
-        self.build_info = Gauge("gdriver_build_info", "gdriver version.", ["version"], registry=r)
-        self.build_info.labels(__version__).set(1)
-        self.function_info = Gauge(
-            "gdriver_function_info",
-            "1 for each function a job serves: joins job_name to function.",
-            ["job_name", "function"],
-            registry=r,
-        )
-        self._job_functions: dict[str, frozenset[str]] = {}
-        # function -> its (waiting, running, workers) gauge children, as last set
-        self._queue: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
-        self._unknown: dict[str, Gauge] = {}
 
     def set_queue(self, status: Mapping[str, FunctionStatus], unknown: Mapping[str, int]) -> None:
         """Replace the queue gauges with gearmand's merged ``status`` (function -> row) and the

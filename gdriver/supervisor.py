@@ -321,8 +321,7 @@ class Driver:
         """Descriptors of the supervisor that a new child must close."""
         fds = [self.loop.fileno(), self._wake_r, self._wake_w, *self.poller.fds()]
         fds.extend(self.resolver.fds())
-        for io in self.children.values():
-            fds.extend(io.fds())
+        fds.extend(self.children.fds())
         for listener in self.listeners:
             fds.extend(listener.fds())
         for waker in self.wakers:
@@ -354,7 +353,8 @@ class Driver:
         io.attach(self.loop, pid, job.name, partial(self.reports.on_message, proc))
         self.children[pid] = io
         self.metrics.process_starts.labels(job.name).inc()
-        self.update_wakers()  # unregister the waker before the new process registers
+        if any(not w.functions.isdisjoint(job.functions) for w in self.wakers):
+            self.update_wakers()  # unregister the waker before the new process registers
         log_event(log, logging.INFO, "process started", "process_started", pid=pid,
                   job_name=job.name, reason=reason)  # fmt: skip
         return proc
@@ -697,16 +697,20 @@ class Driver:
         return True, "ok"
 
     def update_readiness(self) -> None:
-        ready, _ = self.is_ready()
+        ready, why = self.is_ready()
         if ready and not self.ready:
             log_event(log, logging.INFO, "ready", "ready")
+        elif self.ready and not ready and not self.stopping:  # once per episode
+            log_event(log, logging.WARNING, f"not ready: {why}", "not_ready", reason=why)
         self.ready = ready
         if ready:
             self.notifier.notify_ready()
         busy = sum(1 for p in self.procs.values() if p.busy)
         queued = sum(s.waiting for s in self.poller.last_status.values())
+        # systemd keeps READY=1 once sent: the status line tells when it no longer holds
         self.notifier.notify_status(
-            f"{len(self.jobs)} jobs, {len(self.procs)} processes, {busy} busy, {queued} queued"
+            ("" if ready else f"not ready ({why}): ")
+            + f"{len(self.jobs)} jobs, {len(self.procs)} processes, {busy} busy, {queued} queued"
         )
 
 

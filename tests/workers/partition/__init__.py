@@ -1,0 +1,1 @@
+"""Workers for the partition drills: each finished job is a line in a shared ledger."""
