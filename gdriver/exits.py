@@ -42,12 +42,21 @@ class Exit:
         return out
 
 
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; real-time and other signals without a name as ``SIG<n>``
+    (``SIGRTMIN+3`` has no member in ``signal.Signals``)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
 def classify(wait_status: int, retiring: bool, stop_reason: str) -> Exit:
     """Classify a wait status of a worker process. ``retiring``: the supervisor told it to
     stop; ``stop_reason``: why it stopped, as the supervisor or the process itself said."""
     if os.WIFSIGNALED(wait_status):
         signum = os.WTERMSIG(wait_status)
-        name = signal.Signals(signum).name
+        name = signal_name(signum)
         reason = "signal"
         if retiring:
             reason = "killed" if signum == signal.SIGKILL else "retired"

@@ -250,6 +250,18 @@ class GearmandPoller:
         if not self.queries or not all(q.request.done for q in self.queries):
             return
         queries, self.queries = self.queries, []
+        try:
+            self.finish(queries)
+        finally:  # whatever failed in this round, the next one is scheduled
+            if not self.stopped:
+                if self.repoll_wanted:
+                    self.schedule(REPOLL_MIN_GAP)
+                else:
+                    interval = self.interval or 5.0
+                    self.schedule(max(0.0, self.started + interval - time.monotonic()))
+
+    def finish(self, queries: list[_Query]) -> None:
+        """Record each server's answer, merge the replies and hand the status on."""
         replies = [q.request.lines for q in queries if q.request.error is None]
         self.answered = len(replies)
         for q in queries:
@@ -264,12 +276,6 @@ class GearmandPoller:
             status = merged_status(replies, self.concern() if self.concern else None)
         self.last_status = status or {}
         self.on_status(status)
-        if not self.stopped:
-            if self.repoll_wanted:
-                self.schedule(REPOLL_MIN_GAP)
-            else:
-                interval = self.interval or 5.0
-                self.schedule(max(0.0, self.started + interval - time.monotonic()))
 
     def record(self, name: str, error: str | None) -> None:
         """One server's result: log changes of its state once, set its gauge."""

@@ -70,6 +70,7 @@ class Driver:
         self.procs: dict[int, Process] = {}
         self.children = Children()  # pid -> its channel socket and output pipes
         self.signals: list[int] = []
+        self.step_errors: dict[str, float] = {}  # "step:error" -> when last logged
         self.stopping = False
         self.stop_deadline = 0.0
         self.generation = 0
@@ -187,14 +188,25 @@ class Driver:
             max_wait = min(max_wait, self.notifier.watchdog_interval / 2)
         while True:
             self.loop.run_once(max_wait)
-            self.handle_signals()
-            self.reap()
-            self.housekeeping()
+            for step in (self.handle_signals, self.reap, self.housekeeping):
+                self.guarded(step)
             if self.stopping and not self.procs:
                 break
         self.teardown()
         log_event(log, logging.INFO, "gdriver stopped", "stopped", status=0)
         return 0
+
+    def guarded(self, step: Callable[[], None]) -> None:
+        """Run one step of the loop; an error in it is logged (once a minute per kind), and
+        the loop goes on: the next turn runs the step again."""
+        try:
+            step()
+        except Exception as exc:
+            now = time.monotonic()
+            key = f"{step.__name__}:{type(exc).__name__}:{exc}"
+            if now - self.step_errors.get(key, -60.0) >= 60.0:
+                self.step_errors[key] = now
+                log.exception("supervisor step %s failed; carrying on", step.__name__)
 
     def setup(self) -> None:
         """Listen (``resources.StartError`` when a port is taken: nothing else started yet),
@@ -283,7 +295,7 @@ class Driver:
             if signum == signal.SIGHUP:
                 reload.handle_hup(self)
             else:
-                self.begin_stop(signal.Signals(signum).name)
+                self.begin_stop(exits.signal_name(signum))
 
     def begin_stop(self, why: str) -> None:
         if self.stopping:
@@ -339,7 +351,8 @@ class Driver:
         slot = self.board.claim()
         try:
             pid, io = spawn.fork_worker(job.spec, self.settings.servers, self.child_fds(),
-                                        HANDLED_SIGNALS, max_jobs, lifetime)  # fmt: skip
+                                        HANDLED_SIGNALS, max_jobs, lifetime,
+                                        self.settings.protocol)  # fmt: skip
         except OSError as exc:
             self.board.unclaim(slot)
             job.next_start = time.monotonic() + self.spawn_failures.failed(job.name, exc)
@@ -552,12 +565,15 @@ class Driver:
                 self.log_scale(job, "up", n, start.reason)
         for stop in decision.stops:
             job = self.jobs[stop.job_name]
+            stopped = 0
             for pid in stop.pids:
                 proc = job.processes.get(pid)
-                if proc is not None and not proc.busy:
+                if proc is not None and not proc.busy and not proc.retiring:
                     self.stop_process(proc, stop.reason)
-            self.metrics.scaling.labels(job.name, "down", stop.reason).inc(len(stop.pids))
-            self.log_scale(job, "down", len(stop.pids), stop.reason)
+                    stopped += 1
+            if stopped:  # a process that turned busy since the poll is left alone
+                self.metrics.scaling.labels(job.name, "down", stop.reason).inc(stopped)
+                self.log_scale(job, "down", stopped, stop.reason)
         for name, target in decision.desired.items():
             self.metrics.processes_desired.labels(name).set(target)
 
@@ -692,6 +708,9 @@ class Driver:
         missing = [j.name for j in self.get_jobs() if j.registered_count < j.min_processes]
         if missing:
             return False, f"jobs without their min processes registered: {', '.join(missing)}"
+        refused = sorted({p.job_name for p in self.procs.values() if p.grabs_refused})
+        if refused:  # a job queued there would never be served
+            return False, f"gearmand refuses grabs of: {', '.join(refused)}"
         if not self.poller.any_up() and not any(p.registered for p in self.procs.values()):
             return False, "no gearmand answers"
         return True, "ok"

@@ -375,3 +375,39 @@ def test_sigabrt_drains_like_sigterm(fresh_gearmand):
         rc = g.stop()
     assert rc == 0
     assert result and result[0].endswith(b"old")
+
+
+# -- signals without a name ------------------------------------------------------------------------
+def test_a_worker_killed_by_a_real_time_signal_is_replaced(fresh_gearmand):
+    # signal.Signals has no member for SIGRTMIN+3: naming the exit must not take the loop down
+    from test_reliability import pids_of
+
+    g = Gdriver(fresh_gearmand, "--namespaces", "drill.jobs").start()
+    try:
+        wait_for(lambda: len(pids_of(g, "drill.pid")) == 1, 20)
+        (old,) = pids_of(g, "drill.pid")
+        rt = signal.SIGRTMIN + 3
+        os.kill(old, rt)
+        record = g.wait_log(lambda r: r.get("event") == "process_exited" and r.get("pid") == old)
+        assert record["signal"] == f"SIG{int(rt)}"
+        wait_for(lambda: (p := pids_of(g, "drill.pid")) and p != [old], 15)
+        new = int(do(fresh_gearmand.address, "drill.pid", b"").result.split()[0])
+        assert new != old and pid_alive(g.pid)
+    finally:
+        rc = g.stop()
+    assert rc == 0
+
+
+def test_an_error_in_a_loop_step_is_logged_and_the_loop_goes_on():
+    from gdriver.supervisor import Driver
+
+    d = Driver()
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    for _ in range(3):
+        d.guarded(broken)  # raises nothing, every time
+    assert len(calls) == 3 and list(d.step_errors) == ["broken:RuntimeError:boom"]
