@@ -411,3 +411,57 @@ def test_an_error_in_a_loop_step_is_logged_and_the_loop_goes_on():
     for _ in range(3):
         d.guarded(broken)  # raises nothing, every time
     assert len(calls) == 3 and list(d.step_errors) == ["broken:RuntimeError:boom"]
+
+
+OBSERVER_FAULT = """
+import sys
+
+sys.path.insert(0, {workers!r})
+
+from gdriver import observer
+from gdriver.supervisor import Driver
+
+real = observer.decide
+calls = []
+
+
+def flaky(*args, **kw):
+    calls.append(1)
+    if len(calls) <= 4:
+        raise RuntimeError("decide fault %d" % len(calls))
+    return real(*args, **kw)
+
+
+observer.decide = flaky
+driver = Driver(namespaces=["obs.metered"], server={server!r}, console_port={port},
+                metrics_port=0, interval=0.3)
+sys.exit(driver.run())
+"""
+
+
+def test_an_observer_that_raises_does_not_stop_the_polls(fresh_gearmand, tmp_path):
+    # the decision raises in the first rounds: later rounds still run and scale a min-0 job up
+    port = free_port()
+    script = tmp_path / "fault.py"
+    script.write_text(
+        OBSERVER_FAULT.format(workers=str(WORKERS), server=fresh_gearmand.address, port=port)
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GDRIVER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "out.log"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=sink, stderr=sink, env=env)
+    try:
+        wait_for(lambda: port_open(port), 20)
+        reply = do(fresh_gearmand.address, "obs.metered.Metered.slow", b"0.1", timeout=20)
+        assert reply.result == b"slept"
+        text = out.read_text()
+        assert text.count("decide fault") >= 4 and "scaling failed" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0
