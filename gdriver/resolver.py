@@ -16,6 +16,11 @@ SOCK_SEQPACKET socketpair. The supervisor keeps the answers in a cache (:class:`
   (a ``getaddrinfo`` that never returns) gets the resolver process killed and restarted;
 - the resolver process is restarted with backoff whenever it dies.
 
+The supervisor reaps every child with ``waitpid(-1)`` and hands a resolver process's PID to
+:meth:`Resolver.exited`; the resolver also reaps its own processes without waiting (WNOHANG,
+each tick). It never waits for a process in the loop and never signals a PID once reaped: the
+kernel may have given it to another process, a new worker process of ours included.
+
 Numeric addresses (``127.0.0.1``, ``::1``) are parsed at once and never go near the resolver.
 
 Worker processes are forked from the supervisor and inherit its cache; they never ask
@@ -48,11 +53,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gdriver import codec
+from gdriver import channel, codec, exits
 from gdriver.codec import Address
+from gdriver.logs import log_event
 from gdriver.loop import EventLoop, Timer
+
+if TYPE_CHECKING:
+    from gdriver.metrics import Metrics
 
 log = logging.getLogger("gdriver.resolver")
 
@@ -64,12 +73,13 @@ RETRY_MIN = 1.0  # s: first retry of a failing name; doubles up to REFRESH
 SUSPECT_GAP = 5.0  # s: a failed connect re-resolves a name at most this often
 STUCK = 60.0  # s: a lookup unanswered this long restarts the resolver process
 RESTART_MIN, RESTART_MAX = 0.1, 5.0  # s: backoff between restarts of the resolver process
+CLOSE_WAIT = 1.0  # s: close() waits this long at most for the killed process to be reaped
 UNUSED_AFTER = 600.0  # s: names nobody asked for this long are forgotten
 TICK = 0.5  # s between checks of the timers above
 MAX_IN_FLIGHT = 64  # lookups running at once in the resolver process
 MAX_ADDRESSES = 16  # addresses kept per name
 MESSAGE_MAX = 4096  # bytes of one request or answer on the socketpair
-UPDATE_TAG = b"A"  # supervisor -> worker process: the addresses of one server
+UPDATE_TAG = channel.ADDRESSES  # supervisor -> worker process: the addresses of one server
 
 
 class Unresolved(socket.gaierror):
@@ -127,7 +137,8 @@ class Resolver:
     """The supervisor's resolver process and its cache of answers (module docstring).
 
     ``on_change(message)`` is called with an :func:`update_message` whenever a name's
-    addresses change (the first answer included)."""
+    addresses change (the first answer included). ``metrics`` counts failed lookups and
+    restarts of the resolver process."""
 
     def __init__(
         self,
@@ -136,8 +147,10 @@ class Resolver:
         timeout: float = LOOKUP_TIMEOUT,
         refresh: float = REFRESH,
         stuck: float = STUCK,
+        metrics: Metrics | None = None,
     ) -> None:
         self.loop = loop
+        self.metrics = metrics
         self.on_change = on_change
         self.timeout = timeout
         self.refresh = refresh
@@ -146,7 +159,8 @@ class Resolver:
         self.watched: set[Server] = set()
         self.owner = os.getpid()  # in any other process (a forked worker) only the cache is used
         self.sock: socket.socket | None = None
-        self.pid = 0
+        self.pid = 0  # the resolver process in use; 0: none
+        self.unreaped: set[int] = set()  # resolver processes not reaped yet: safe to signal
         self.restart_at = 0.0
         self.restart_backoff = RESTART_MIN
         self.restarts = 0
@@ -158,7 +172,11 @@ class Resolver:
         """Fork the resolver process (again, after it died) and send what is waiting."""
         if self.closed or os.getpid() != self.owner:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:  # out of descriptors: try again later, like a failed fork
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._died(f"cannot start the resolver process: {exc}")
+            return
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             pid = os.fork()
@@ -178,6 +196,7 @@ class Resolver:
         theirs.close()
         ours.setblocking(False)
         self.sock, self.pid = ours, pid
+        self.unreaped.add(pid)
         if self.loop is not None:
             self.loop.add(ours, selectors.EVENT_READ, self.on_readable)
             if self.timer is None:
@@ -191,12 +210,42 @@ class Resolver:
         return [self.sock.fileno()] if self.sock is not None else []
 
     def close(self) -> None:
-        """Stop the resolver process; answers known so far stay usable."""
+        """Stop the resolver process; answers known so far stay usable. The loop is over:
+        this reaps the process, waiting CLOSE_WAIT s at most."""
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self._stop_process()
+        deadline = time.monotonic() + CLOSE_WAIT
+        while self.unreaped and time.monotonic() < deadline and os.getpid() == self.owner:
+            time.sleep(0.005)
+            self.reap()
+
+    def exited(self, pid: int, status: int) -> bool:
+        """Whoever reaps the supervisor's children hands every PID here: True when ``pid``
+        (with its wait ``status``) was a resolver process. The one in use is restarted; the
+        PID is never signalled again."""
+        if pid not in self.unreaped:
+            return False
+        self.unreaped.discard(pid)
+        if pid == self.pid:
+            self.pid = 0  # reaped: _stop_process must not signal it
+            self._died(_exit_text(status))
+        return True
+
+    def reap(self) -> None:
+        """Reap the resolver processes that ended, never waiting (only our own unreaped
+        PIDs, so no other child's exit is taken from the supervisor)."""
+        if os.getpid() != self.owner:
+            return
+        for pid in list(self.unreaped):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone who did not tell: forget it
+                done, status = pid, 0
+            if done == pid:
+                self.exited(pid, status)
 
     def _stop_process(self) -> None:
         if os.getpid() != self.owner:
@@ -207,23 +256,27 @@ class Resolver:
             self.sock.close()
             self.sock = None
         pid, self.pid = self.pid, 0
-        if pid:
+        if pid in self.unreaped:  # not reaped yet, so the PID is still this process's
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            # reap it (the supervisor's own waitpid(-1) may get there first)
-            with contextlib.suppress(ChildProcessError):
-                deadline = time.monotonic() + 1.0
-                while os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
-                    time.sleep(0.005)
+            self.reap()  # gone already, or reaped later (by the supervisor or the next tick)
+
+    def _lost(self) -> None:
+        """The socket reached EOF: the process exited (or is exiting)."""
+        self.reap()  # reaped already: exited() restarts it and tells the exit status
+        if self.sock is not None:
+            self._died("it closed its socket")
 
     def _died(self, why: str) -> None:
         self._stop_process()
         if self.closed:
             return
         if self.restart_backoff == RESTART_MIN:  # one record per episode
-            log.warning("resolver process: %s; restarting it", why,
-                        extra={"event": "resolver_restart", "reason": why})  # fmt: skip
+            message = f"resolver process: {why}; restarting it"
+            log_event(log, logging.WARNING, message, "resolver_restart", reason=why)
         self.restarts += 1
+        if self.metrics is not None:
+            self.metrics.resolver_restarts.inc()
         self.restart_at = time.monotonic() + self.restart_backoff
         self.restart_backoff = min(self.restart_backoff * 2, RESTART_MAX)
 
@@ -304,7 +357,7 @@ class Resolver:
             except OSError:
                 data = b""
             if not data:
-                self._died("it exited")
+                self._lost()
                 return
             try:
                 host, port, error, items = json.loads(data)
@@ -320,13 +373,14 @@ class Resolver:
         if entry is None:
             return
         now = time.monotonic()
+        asked = entry.asked  # 0: a late answer to a lookup already counted as failed
         entry.asked = entry.since = 0.0
         entry.answered = now
         name = f"{server[0]}:{server[1]}"
         if error is None and addrs:
             if entry.error is not None and entry.failures:
-                log.info("gearmand host %s resolves again", name,
-                         extra={"event": "resolved", "server": name})  # fmt: skip
+                message = f"gearmand host {name} resolves again"
+                log_event(log, logging.INFO, message, "resolved", server=name)
             changed = addrs != entry.addrs or entry.error is not None
             entry.addrs, entry.error, entry.failures = addrs, None, 0
             entry.next_lookup = now + self.refresh
@@ -334,10 +388,12 @@ class Resolver:
                 self._changed(server, entry)
             return
         error = error or "no address"
+        if asked and self.metrics is not None:
+            self.metrics.resolver_failures.labels(name).inc()
         if entry.failures == 0:  # one record per episode
             kept = "; keeping its last known addresses" if entry.addrs else ""
-            extra = {"event": "resolve_failed", "server": name, "error": error}
-            log.warning("cannot resolve gearmand host %s: %s%s", name, error, kept, extra=extra)
+            message = f"cannot resolve gearmand host {name}: {error}{kept}"
+            log_event(log, logging.WARNING, message, "resolve_failed", server=name, error=error)
         entry.failures += 1
         entry.next_lookup = now + min(RETRY_MIN * 2 ** (entry.failures - 1), self.refresh)
         if entry.error != error:
@@ -355,6 +411,7 @@ class Resolver:
         if self.closed:
             return
         now = time.monotonic()
+        self.reap()
         if self.sock is None and now >= self.restart_at:
             self.start()
         for server, entry in list(self.entries.items()):
@@ -391,6 +448,11 @@ class Resolver:
         if addrs:
             entry.addrs = addrs
         entry.error = None if addrs else error
+
+
+def _exit_text(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by {exits.signal_name(-code)}" if code < 0 else f"exited with status {code}"
 
 
 # --------------------------------------------------------------------------- installation
