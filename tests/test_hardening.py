@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import resource
 import signal
@@ -125,7 +126,15 @@ def test_low_fd_limit_many_jobs_and_recycling_every_job_runs(fresh_gearmand, tmp
         assert failed, "the limit was never reached"
         attempts = metric(g.metrics_port, "gdriver_spawn_failures_total")
         assert attempts >= len(failed)
-        assert len(failed) <= 2 * MANY_JOBS + attempts / 4  # per episode, not per attempt
+        # one record per episode, not per attempt: per job, failed and recovered alternate
+        for name in {r["job_name"] for r in failed}:
+            kinds = [r["event"] for r in g.records()
+                     if r.get("job_name") == name
+                     and r.get("event") in ("spawn_failed", "spawn_recovered")]  # fmt: skip
+            assert all(a != b for a, b in itertools.pairwise(kinds)), (name, kinds)
+            assert kinds[0] == "spawn_failed"
+        recovered = [r["attempts"] for r in events(g, "spawn_recovered")]
+        assert sum(recovered) <= attempts
         assert not any("Traceback" in r.get("message", "") for r in g.records())
     finally:
         rc = g.stop()
