@@ -32,6 +32,7 @@ from sections import (
     drain,
     fleet,
     idle,
+    instructions,
     memory,
     observer_cost,
     replace,
@@ -50,6 +51,7 @@ SECTIONS = {
     "observer": observer_cost.run,
     "drain": drain.run,
     "fleet": fleet.run,
+    "instructions": instructions.run,
 }
 
 
@@ -70,6 +72,8 @@ def fmt(value: Any, unit: str) -> str:
         return f"{value:.1f} us"
     if unit == "x":
         return f"{value:.2f}x"
+    if unit == "instructions":
+        return f"{value:,.0f}"
     if unit == "jobs":
         return f"{value:.0f}"
     return f"{value} {unit}"

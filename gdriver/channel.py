@@ -1,13 +1,19 @@
-"""The child -> supervisor channel: message tags and their encoding, for both sides.
+"""The channel between the supervisor and each worker process: every message tag and its
+encoding, for both sides.
 
 Each worker process has its own SOCK_SEQPACKET socket to the supervisor: one message per
-packet, never its stdout.  The first byte of a message is its tag:
+packet, never its stdout.  The first byte of a message is its tag.  Child -> supervisor:
 
-- ``R<n>``: registered with n gearmand servers (confirmed by an ECHO round trip)
+- ``R<n>``: registered with n gearmand servers (a grab answered on each: jobs can come)
+- ``G<n>``: n gearmand servers refuse every grab (0: none any more); no job can be served
+  from them, so the supervisor is not ready while any process reports one
 - ``B<function>``: busy: started a job after being idle
-- ``D<json>``: finished jobs, a list of ``[outcome, seconds, function, error]``; outcome is
-  ``complete``, ``fail`` or ``exception``. Sent at least every 50 ms and before going idle,
-  so a process streaming jobs sends a few messages a second, not two per job.
+- ``D<n><json>``: finished jobs, a list of ``[outcome, seconds, function, error]`` (seconds to
+  the microsecond); outcome is ``complete``, ``fail`` or ``exception``; ``n`` numbers the
+  first of them among the process's finished jobs (from 0), so the supervisor sees a lost
+  message and reads its jobs from the process's slot (``gdriver.slots``). Sent at least
+  every 50 ms and before going idle, so a process streaming jobs sends a few messages a
+  second, not two per job.
 - ``I``: idle: no work for 50 ms (every connection asleep); a process that goes straight
   from one job to the next stays busy and sends nothing between them
 - ``L<json>``: a log record, already formatted
@@ -15,11 +21,15 @@ packet, never its stdout.  The first byte of a message is its tag:
 - ``P<json>``: failed a poison job without running it: ``[function, handle, unique]``
   (``gdriver.poison``); its report follows in a ``D`` message as any failed job's
 
-The supervisor sends one kind of message only, ``A<json>``: the resolved addresses of a
-gearmand name, whenever they change (:mod:`gdriver.resolver`; worker processes never resolve
-names themselves). It stops a child with SIGTERM (finish the current job, then exit) and the
-child stops by itself when the channel reaches EOF or the supervisor dies.
-The child encodes with the ``encode_*`` functions, the supervisor reads with :func:`decode`.
+Supervisor -> child, one kind of message only:
+
+- ``A<json>``: the resolved addresses of a gearmand name, ``[host, port, [[family, proto,
+  sockaddr], ...], error]``, sent whenever they change (encoded and applied by
+  :mod:`gdriver.resolver`; worker processes never resolve names themselves)
+
+The supervisor stops a child with SIGTERM (finish the current job, then exit) and the child
+stops by itself when the channel reaches EOF or the supervisor dies.  The child encodes with
+the ``encode_*`` functions, the supervisor reads with :func:`decode`.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ __all__ = [
     "Busy",
     "Done",
     "Exiting",
+    "GrabsRefused",
     "Idle",
     "JobReport",
     "Log",
@@ -45,6 +56,7 @@ __all__ = [
     "encode_idle",
     "encode_log",
     "encode_poisoned",
+    "encode_refused",
     "encode_registered",
 ]
 
@@ -57,6 +69,8 @@ IDLE = b"I"
 LOG = b"L"
 EXITING = b"X"
 POISONED = b"P"
+REFUSED = b"G"
+ADDRESSES = b"A"  # supervisor -> child
 
 
 class JobReport(NamedTuple):
@@ -72,11 +86,16 @@ class Registered(NamedTuple):
     servers: int  # gearmand servers on which the registration is confirmed
 
 
+class GrabsRefused(NamedTuple):
+    servers: int  # gearmand servers that refuse every grab
+
+
 class Busy(NamedTuple):
     function: str
 
 
 class Done(NamedTuple):
+    first: int  # the number of the first report among the process's finished jobs
     reports: list[JobReport]
 
 
@@ -98,12 +117,16 @@ class Poisoned(NamedTuple):
     unique: str
 
 
-Message = Registered | Busy | Done | Idle | Log | Exiting | Poisoned
+Message = Registered | GrabsRefused | Busy | Done | Idle | Log | Exiting | Poisoned
 
 
 # -- child side -------------------------------------------------------------------------------
 def encode_registered(servers: int) -> bytes:
     return REGISTERED + b"%d" % servers
+
+
+def encode_refused(servers: int) -> bytes:
+    return REFUSED + b"%d" % servers
 
 
 def encode_busy(function: str) -> bytes:
@@ -123,15 +146,43 @@ def encode_poisoned(function: str, handle: str, unique: str) -> bytes:
     return POISONED + data.encode("utf-8", "surrogateescape")[:MAX_MESSAGE]
 
 
-def encode_done(batch: list[tuple[str, float, str, str]]) -> list[bytes]:
-    """The reports as messages of at most MAX_MESSAGE bytes (split in halves when needed)."""
-    data = DONE + json.dumps(batch, ensure_ascii=False).encode("utf-8", "replace")
+def encode_done(batch: list[tuple[str, float, str, str]], first: int) -> list[bytes]:
+    """The reports, the first of them job number ``first``, as messages of at most
+    MAX_MESSAGE bytes (split in halves when needed)."""
+    # as json.dumps(batch) writes it, at a third of the cost (a float's shortest repr alone
+    # costs 8,000 instructions): names quoted once, the seconds to the microsecond
+    quoted = _QUOTED
+    items = []
+    for outcome, seconds, function, error in batch:
+        if 0.0 <= seconds < 1e15:
+            text = f"{seconds:.6f}".rstrip("0")
+            if text[-1] == ".":
+                text += "0"
+        else:
+            text = json.dumps(float(seconds))  # NaN and the like, as json.dumps writes them
+        items.append(f"[{quoted.get(outcome) or _quoted(outcome)}, {text}, "
+                     f"{quoted.get(function) or _quoted(function)}, "
+                     f"{quoted.get(error) or _quoted(error)}]")  # fmt: skip
+    data = DONE + b"%d[" % first + ", ".join(items).encode("utf-8", "replace") + b"]"
     if len(data) <= MAX_MESSAGE:
         return [data]
     if len(batch) == 1:
         return [data[:MAX_MESSAGE]]  # one report with a huge function name: cut
     half = len(batch) // 2
-    return encode_done(batch[:half]) + encode_done(batch[half:])
+    return encode_done(batch[:half], first) + encode_done(batch[half:], first + half)
+
+
+_QUOTED: dict[str, str] = {}  # the JSON text of outcomes and function names seen
+
+
+def _quoted(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``, from a cache for the strings that repeat."""
+    quoted = _QUOTED.get(text)
+    if quoted is None:
+        quoted = json.dumps(text, ensure_ascii=False)
+        if len(text) <= 200 and len(_QUOTED) < 1000:  # names, not error messages
+            _QUOTED[text] = quoted
+    return quoted
 
 
 def encode_log(line: str) -> bytes:
@@ -172,7 +223,12 @@ def decode(data: bytes) -> Message | None:
     tag, body = data[:1], data[1:]
     try:
         if tag == DONE:
-            return Done([JobReport(*report) for report in json.loads(body)])
+            at = body.find(b"[")
+            first = int(body[:at]) if at > 0 else -1
+            reports = json.loads(body[at:]) if first >= 0 else None
+            if not isinstance(reports, list):
+                return None
+            return Done(first, [_report(report) for report in reports])
         if tag == BUSY:
             return Busy(body.decode("utf-8", "replace"))
         if tag == IDLE:
@@ -181,6 +237,8 @@ def decode(data: bytes) -> Message | None:
             return Log(body)
         if tag == REGISTERED:
             return Registered(int(body or b"0"))
+        if tag == REFUSED:
+            return GrabsRefused(int(body or b"0"))
         if tag == EXITING:
             return Exiting(body.decode("ascii", "replace"))
         if tag == POISONED:
@@ -188,3 +246,16 @@ def decode(data: bytes) -> Message | None:
     except (ValueError, TypeError):
         return None
     return None
+
+
+def _report(item: object) -> JobReport:
+    """One report of a ``D`` message, its types checked (worker code can write anything to
+    its channel)."""
+    if not isinstance(item, list) or len(item) != 4:
+        raise TypeError("not a job report")
+    outcome, seconds, function, error = item
+    if not (isinstance(outcome, str) and isinstance(function, str) and isinstance(error, str)):
+        raise TypeError("not a job report")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        raise TypeError("not a job report")
+    return JobReport(outcome, float(seconds), function, error)

@@ -22,6 +22,9 @@ from gdriver.loop import EventLoop
 
 OUTPUT_LINE_MAX = 64 * 1024  # longer lines of a worker's output are cut into records
 CHANNEL_READS = 256  # messages read per wake-up: let other work in between
+# messages read after the exit: more than a socket buffer holds (each message takes at least a
+# few hundred bytes of it); only a descendant still writing to the channel could reach it
+CHANNEL_DRAIN = 1 << 16
 OUTPUT_READS = 64
 
 
@@ -94,9 +97,10 @@ class ChildIO:
         loop.add(self.err_r, selectors.EVENT_READ, partial(self.on_output_event, self.err_r))
 
     def close(self) -> None:
-        """The process has exited: read what it still said and wrote, then close."""
+        """The process has exited: read what it still said and wrote (all of it: its last
+        reports count), then close."""
         assert self.loop is not None
-        self.read_channel()
+        self.read_channel(CHANNEL_DRAIN)
         for fd in (self.out_r, self.err_r):
             self.read_output(fd, final=True)
         self.loop.remove(self.channel)
@@ -112,9 +116,9 @@ class ChildIO:
     def on_output_event(self, fd: int, mask: int) -> None:
         self.read_output(fd)
 
-    def read_channel(self) -> None:
+    def read_channel(self, most: int = CHANNEL_READS) -> None:
         assert self.loop is not None
-        for _ in range(CHANNEL_READS):
+        for _ in range(most):
             try:
                 data = self.channel.recv(65536)
             except BlockingIOError:

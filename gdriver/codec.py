@@ -35,6 +35,7 @@ __all__ = [
     "error_text",
     "header",
     "pack",
+    "pack_header",
     "resolve",
     "unpack",
     "unpack_header",
@@ -84,6 +85,8 @@ _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
 #: (magic, type, size) of the header at an offset, unchecked: for a loop that checks inline.
 unpack_header = _HEADER.unpack_from
+#: header() without the call around it, for the result every job sends: (magic, type, size).
+pack_header = _HEADER.pack
 
 
 class MalformedPacket(ValueError):

@@ -23,7 +23,7 @@ from environs import Env, EnvError
 
 from gdriver import attributes
 from gdriver.attributes import MAX_SECONDS, PROCESS_LIMIT, integer, nearest, number
-from gdriver.gearman import Server, parse_servers
+from gdriver.gearman import MAX_PACKET_SIZE, Protocol, Server, parse_servers
 
 EX_CONFIG = 78
 ENV_PREFIX = "GDRIVER_"
@@ -107,6 +107,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0
                     8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 900.0,
                     1800.0, 3600.0)  # fmt: skip
 MAX_BUCKETS = 60  # each bucket is one series per job and function
+MAX_PACKET_LIMIT = 1 << 30  # bytes: the largest max_packet_size
 
 
 def _buckets(value: Any) -> tuple[float, ...]:
@@ -272,8 +273,24 @@ class Settings:
     poison_threshold: int = setting(
         3,
         integer(0, attributes.MAX_COUNT),
-        "worker processes that may die running the same job (by handle or unique) before the "
-        "next one to grab it fails it with WORK_FAIL without running it; `0` never",
+        "worker processes that may die running the same job (by function and unique, or by "
+        "handle when it has none) before the next one to grab it fails it with WORK_FAIL "
+        "without running it; `0` never",
+    )
+    send_exceptions: bool = setting(
+        False,
+        _bool,
+        "a failing job's message goes to the client as WORK_EXCEPTION (exception callbacks of "
+        "clients that ask for exceptions) instead of WORK_WARNING + WORK_FAIL; see the "
+        "compatibility table",
+    )
+    max_packet_size: int = setting(
+        MAX_PACKET_SIZE,
+        integer(1024, MAX_PACKET_LIMIT),
+        "bytes of the largest job packet (handle, function, unique, workload) a worker "
+        "reads; a larger job fails (WORK_FAIL with both sizes) without being read into "
+        "memory, and the connection stays",
+        shown=f"{MAX_PACKET_SIZE} (64 MiB)",
     )
     configfile: tuple[str, ...] = setting(
         (), _str_list, "YAML files, read in order; maps merge, later files win", "list"
@@ -293,6 +310,11 @@ class Settings:
     @property
     def servers(self) -> list[Server]:
         return parse_servers(self.server)
+
+    @property
+    def protocol(self) -> Protocol:
+        """What worker processes need of the settings to speak to gearmand."""
+        return Protocol(self.send_exceptions, self.max_packet_size)
 
     def as_dict(self) -> dict[str, Any]:
         out = {}

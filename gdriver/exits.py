@@ -58,7 +58,7 @@ def classify(wait_status: int, retiring: bool, stop_reason: str) -> Exit:
         signum = os.WTERMSIG(wait_status)
         name = signal_name(signum)
         reason = "signal"
-        if retiring:
+        if retiring and signum in (signal.SIGKILL, signal.SIGTERM):  # the stop it was sent
             reason = "killed" if signum == signal.SIGKILL else "retired"
         status = None
     else:

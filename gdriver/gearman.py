@@ -7,6 +7,24 @@ a connection as soon as it answers NO_JOB; the loop then blocks until gearmand s
 Connection trouble never escapes :meth:`GearmanWorker.work`: the connection is dropped and
 re-established with exponential backoff while the other servers keep being served.
 
+Every server this module works with (checked by ``tests/test_compat.py``):
+
+* The C gearmand (primary target): everything below.
+* Perl's Gearman::Server answers GRAB_JOB_UNIQ with ``ERROR server_error`` and has no
+  WORK_DATA or WORK_WARNING; its WORK_EXCEPTION is not final (a WORK_FAIL must follow).  A
+  refused GRAB_JOB_UNIQ is answered with GRAB_JOB on that connection from then on (logged
+  once); there ``job.unique`` is empty, send_data/send_warning send nothing and a failure's
+  message goes out as WORK_EXCEPTION before the WORK_FAIL.
+* gear's geard does not answer ECHO_REQ and ignores GRAB_JOB.  Nothing here depends on an
+  optional packet: a registration is confirmed by the answer to the first grab (NO_JOB or a
+  job), and an idle connection is checked with a grab, which every server answers.
+
+A server that refuses both grabs serves nothing: the connection stays, the grab is tried
+again every ``ping_interval`` seconds, and ``on_refused`` tells how many servers refuse.
+A job whose packet is larger than ``max_packet_size`` is not read into memory: its body is
+read and discarded as it arrives and the job fails (the message names both sizes); the
+connection stays.
+
 No threads are used and the only thing created at import time is the receive buffer every
 connection reads into (reused, never shared by two readers at once), so the module is safe
 to use in processes forked after import.
@@ -19,14 +37,18 @@ Behaviour of gearmand 1.1.20 this module relies on (checked by
   the WORK_EXCEPTION; every other client gets a WORK_FAIL whose handle carries a trailing NUL
   byte.  Neither common client copes with that packet: the pygearman client raises KeyError,
   the C client (``gearman -f fn``, which does not enable exceptions) never finishes.
-  WORK_EXCEPTION is therefore never sent.  A failed job with a message is reported as
-  WORK_WARNING(message) followed by WORK_FAIL: both are forwarded unchanged to every client
-  (pygearman keeps the message in ``warning_updates``, the C client prints it on stderr
-  before "Job failed"), and the job ends cleanly.  Without a message only WORK_FAIL is sent.
+  WORK_EXCEPTION is therefore not sent by default.  A failed job with a message is
+  reported as WORK_WARNING(message) followed by WORK_FAIL: both are forwarded unchanged to
+  every client (pygearman keeps the message in ``warning_updates``, the C client prints it
+  on stderr before "Job failed"), and the job ends cleanly.  Without a message only
+  WORK_FAIL is sent.  With ``send_exceptions`` a failure with a message is one
+  WORK_EXCEPTION (clients that asked for exceptions get the message in their exception
+  callback; gear's geard treats it as final too).
 * After PRE_SLEEP gearmand answers with NOOP at once if a job is already queued, and sends
-  NOOP when one arrives later; ECHO_REQ on a sleeping connection does not cancel the sleep.
-* Replies on one connection come in request order, so SET_CLIENT_ID, CAN_DO, ECHO_REQ and
-  the first GRAB_JOB_UNIQ are pipelined in one ``send``.
+  NOOP when one arrives later.
+* Replies on one connection come in request order, so SET_CLIENT_ID, CAN_DO and the first
+  GRAB_JOB_UNIQ are pipelined in one ``send``; an ERROR that comes before the first grab is
+  answered can only be the grab's.
 """
 
 from __future__ import annotations
@@ -44,6 +66,7 @@ from typing import Any, NoReturn
 from gdriver.codec import (
     HEADER_SIZE,
     MAX_PACKET_SIZE,
+    REQ,
     RES,
     Address,
     PacketType,
@@ -52,6 +75,7 @@ from gdriver.codec import (
     error_text,
     header,
     pack,
+    pack_header,
     resolve,
     unpack,
     unpack_header,
@@ -59,12 +83,14 @@ from gdriver.codec import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_PACKET_SIZE",
     "AdminRequest",
     "FunctionStatus",
     "GearmanWorker",
     "Handler",
     "Job",
     "JobFailed",
+    "Protocol",
     "Server",
     "parse_servers",
     "parse_status",
@@ -93,10 +119,27 @@ JOB_ASSIGN_UNIQ = int(P.JOB_ASSIGN_UNIQ)
 WORK_COMPLETE = int(P.WORK_COMPLETE)
 WORK_FAIL = int(P.WORK_FAIL)
 WORK_WARNING = int(P.WORK_WARNING)
+WORK_EXCEPTION = int(P.WORK_EXCEPTION)
+_ASSIGNS = (JOB_ASSIGN_UNIQ, int(P.JOB_ASSIGN))
 
 _GRAB = pack(P.GRAB_JOB_UNIQ)
+_GRAB_PLAIN = pack(P.GRAB_JOB)  # for servers without GRAB_JOB_UNIQ (Perl's Gearman::Server)
 _PRE_SLEEP = pack(P.PRE_SLEEP)
-_ECHO = pack(P.ECHO_REQ, b"gdriver")
+#: Bytes of an oversize job packet kept to learn its handle and function (the rest is
+#: discarded as it arrives).
+_OVERSIZE_HEAD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Protocol:
+    """Deployment settings of the worker's side of the protocol (config keys of the same name).
+
+    ``send_exceptions``: a failure with a message is sent as WORK_EXCEPTION instead of
+    WORK_WARNING + WORK_FAIL.  ``max_packet_size``: a job packet larger than this many bytes
+    fails the job without reading it into memory."""
+
+    send_exceptions: bool = False
+    max_packet_size: int = MAX_PACKET_SIZE
 
 
 # --------------------------------------------------------------------------- servers
@@ -188,14 +231,17 @@ class Job:
     Attributes: ``workload`` (bytes), ``function_name`` (str, as registered), ``handle``
     and ``unique`` (str; bytes that are not UTF-8 are kept as surrogate escapes).
     send_status/send_data/send_warning send WORK_STATUS/WORK_DATA/WORK_WARNING at once on
-    the connection the job came from.
+    the connection the job came from (on a server without WORK_DATA and WORK_WARNING, Perl's
+    Gearman::Server, send_data and send_warning send nothing; the worker logs that once).
 
     A Job built by hand (no connection) accepts send_* calls and drops them, which makes
     handlers easy to call directly.  Sending for a job that has already finished raises
     RuntimeError.
     """
 
-    __slots__ = ("_conn", "_gen", "_handle", "function_name", "handle", "unique", "workload")
+    __slots__ = (
+        "_conn", "_gen", "_handle", "_unique", "function_name", "handle", "unique", "workload",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -205,6 +251,7 @@ class Job:
         unique: str,
         conn: _Conn | None = None,
         raw_handle: bytes | None = None,
+        raw_unique: bytes | None = None,
     ) -> None:
         self.workload = workload
         self.function_name = function_name
@@ -213,6 +260,9 @@ class Job:
         self._conn = conn
         self._gen = conn.gen if conn is not None else 0
         self._handle = raw_handle if raw_handle is not None else handle.encode()
+        self._unique = (
+            raw_unique if raw_unique is not None else unique.encode("utf-8", "surrogateescape")
+        )
 
     def __repr__(self) -> str:
         return (
@@ -228,6 +278,8 @@ class Job:
             return  # a Job made by hand, not connected to any server
         if conn.gen != self._gen:
             return  # the connection it came from is gone; gearmand requeues the job
+        if conn.legacy and ptype != P.WORK_STATUS:
+            return  # the server has no WORK_DATA/WORK_WARNING (logged once per connection)
         h = self._handle
         conn.write(b"".join((header(ptype, len(h) + 1 + len(body)), h, b"\0", body)))
 
@@ -257,13 +309,19 @@ def _coerce_result(result: Any) -> bytes:
     raise TypeError(f"handler returned {type(result).__name__}, expected bytes")
 
 
-def _failure_packet(handle: bytes, message: bytes | None) -> bytes:
-    # Not WORK_EXCEPTION: gearmand 1.1.20 garbles it for most clients (module docstring).
+def _failure_packet(
+    handle: bytes, message: bytes | None, exceptions: bool = False, legacy: bool = False
+) -> bytes:
+    """What ends a failed job (module docstring): WORK_WARNING + WORK_FAIL by default, as
+    gearmand 1.1.20 garbles WORK_EXCEPTION for most clients; WORK_EXCEPTION alone (final)
+    with ``exceptions``; WORK_EXCEPTION + WORK_FAIL on a server without WORK_WARNING, whose
+    WORK_EXCEPTION is not final (``legacy``)."""
     fail = header(WORK_FAIL, len(handle)) + handle
     if message is None:
         return fail
-    return b"".join((header(WORK_WARNING, len(handle) + 1 + len(message)),
-                     handle, b"\0", message, fail))  # fmt: skip
+    kind = WORK_EXCEPTION if exceptions or legacy else WORK_WARNING
+    first = b"".join((header(kind, len(handle) + 1 + len(message)), handle, b"\0", message))
+    return first if exceptions and not legacy else first + fail
 
 
 def _exception_message(exc: BaseException) -> bytes | None:
@@ -327,8 +385,9 @@ class _Conn:
 
     __slots__ = (
         "addr_idx", "addrs", "backoff", "broken", "confirmed", "connect_deadline", "deadline",
-        "events", "fd", "gen", "grabbing", "inbuf", "label", "last_rx", "need",
-        "next_attempt", "out", "pending", "poller", "server", "sleeping", "sock", "state",
+        "events", "fd", "gen", "grab", "grabbing", "inbuf", "label", "last_rx", "legacy",
+        "need", "next_attempt", "noted_legacy", "out", "pending", "poller", "retry_at",
+        "server", "skip", "skip_head", "skip_size", "sleeping", "sock", "state",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -345,13 +404,20 @@ class _Conn:
         self.next_attempt = 0.0
         self.backoff = 0.0
         self.connect_deadline = 0.0
+        self.noted_legacy = False  # the GRAB_JOB fallback was logged (once per server)
         self.reset()
 
     def reset(self) -> None:
         self.inbuf = bytearray()
         self.need = 0
         self.out = bytearray()
-        self.confirmed = False
+        self.confirmed = False  # a grab was answered: jobs can come from this connection
+        self.grab = _GRAB  # what this connection grabs with (GRAB_JOB on older servers)
+        self.legacy = False  # GRAB_JOB_UNIQ refused: no WORK_DATA/WORK_WARNING either
+        self.retry_at = 0.0  # grabs refused: when to try again
+        self.skip = 0  # bytes of an oversize job packet still to discard
+        self.skip_size = 0
+        self.skip_head = bytearray()
         self.grabbing = False
         self.sleeping = False
         self.pending = 0
@@ -417,13 +483,14 @@ class GearmanWorker:
     ``str(exc)`` (or the exception's class name when that is empty) as the message.
     ``BaseException`` that is not an ``Exception`` (SystemExit, KeyboardInterrupt) is not
     caught: it closes the connections and leaves :meth:`work`; gearmand then hands the job
-    to another worker.
+    to another worker (:mod:`gdriver.process` turns every exception into a failed job).
+    ``protocol`` (:class:`Protocol`): how failures are sent and the largest job packet read.
     """
 
-    #: Seconds to wait for the reply to a GRAB_JOB_UNIQ or ECHO_REQ before the connection
-    #: is considered dead.
+    #: Seconds to wait for the reply to a grab before the connection is considered dead.
     reply_timeout = 20.0
-    #: Seconds of silence on a sleeping connection after which an ECHO_REQ checks it.
+    #: Seconds of silence on a sleeping connection after which a grab checks it (every server
+    #: answers a grab; ECHO_REQ is optional); also the retry period of refused grabs.
     ping_interval = 30.0
     #: Upper bound, in seconds, for waiting on outstanding grabs and unsent results when
     #: stopping.
@@ -439,6 +506,7 @@ class GearmanWorker:
         reconnect_min: float = 0.05,
         reconnect_max: float = 0.5,
         connect_timeout: float = 1.0,
+        protocol: Protocol | None = None,
     ) -> None:
         if not servers:
             raise ValueError("no gearman server given")
@@ -452,6 +520,7 @@ class GearmanWorker:
         self.reconnect_min = float(reconnect_min)
         self.reconnect_max = float(reconnect_max)
         self.connect_timeout = float(connect_timeout)
+        self.protocol = protocol if protocol is not None else Protocol()
         self._handlers: dict[bytes, tuple[str, Handler]] = {
             name.encode(): (name, fn) for name, fn in self.functions.items()
         }
@@ -459,7 +528,6 @@ class GearmanWorker:
         if client_id:
             hello.append(pack(P.SET_CLIENT_ID, client_id.encode()))
         hello.extend(pack(P.CAN_DO, name) for name in self._handlers)
-        hello.append(_ECHO)
         self._hello = b"".join(hello)
         self._conns = [_Conn(s) for s in self.servers]
         self._poller: _Poller | None = None
@@ -467,6 +535,11 @@ class GearmanWorker:
         self._stopping = False
         self._should_stop: Callable[[], bool] = _never
         self._on_registered: Callable[[int], None] | None = None
+        self._on_refused: Callable[[int], None] | None = None
+        self._refusing: set[_Conn] = set()  # servers refusing every grab
+        #: Called with (function, handle, message) for a job failed without running it
+        #: (its packet is over ``max_packet_size``), after the failure was sent.
+        self.on_rejected: Callable[[str, str, str], None] | None = None
         #: Jobs finished with WORK_COMPLETE / with WORK_FAIL.
         self.jobs_completed = 0
         self.jobs_failed = 0
@@ -496,8 +569,12 @@ class GearmanWorker:
         on_wake: Callable[[int], None] | None = None,
         on_registered: Callable[[int], None] | None = None,
         on_idle: Callable[[], float | None] | None = None,
+        on_refused: Callable[[int], None] | None = None,
     ) -> None:
         """Serve until should_stop() is true at a safe point, then close connections.
+
+        on_registered(n) is called when the number of servers on which a grab was answered
+        changes; on_refused(n) when the number of servers that refuse every grab changes.
 
         on_idle(), when given, is called before the loop blocks while every live connection
         is asleep (PRE_SLEEP sent, no grab outstanding): the worker has no work. It may return
@@ -512,6 +589,8 @@ class GearmanWorker:
             raise RuntimeError("work() is already running")
         self._should_stop = should_stop
         self._on_registered = on_registered
+        self._on_refused = on_refused
+        self._refusing = set()
         self._stopping = False
         self.close()
         poller = self._poller = _Poller()
@@ -537,6 +616,7 @@ class GearmanWorker:
         finally:
             self._should_stop = _never
             self._on_registered = None
+            self._on_refused = None
             self.close()
             self._poller = None
             poller.close()
@@ -576,13 +656,18 @@ class GearmanWorker:
         if on_idle is not None:
             # awake connections count as work unless silent for STALLED seconds
             # (a gearmand that accepts but never answers must not keep us busy)
-            awake = [c for c in self._conns if c.state == _UP and not c.sleeping]
-            if not any(now - c.last_rx < STALLED for c in awake):
+            # (a loop, not any() over a generator: this runs before every job)
+            busy = False
+            for c in self._conns:
+                if c.state == _UP and not c.sleeping and now - c.last_rx < STALLED:
+                    busy = True
+                    break
+            if busy:
+                timeout = min(timeout, STALLED)
+            else:
                 again = on_idle()
                 if again is not None:
                     timeout = min(timeout, again)
-            elif awake:
-                timeout = min(timeout, STALLED)
         return timeout
 
     def _handle_events(
@@ -626,12 +711,13 @@ class GearmanWorker:
             if state == _UP:
                 if c.pending:
                     timeout = min(timeout, c.deadline - now)
-                elif c.sleeping and not stopping:
-                    due = c.last_rx + self.ping_interval
+                elif (c.sleeping or c.retry_at) and not stopping:
+                    # a grab checks a silent connection: every server answers one
+                    due = c.retry_at or c.last_rx + self.ping_interval
                     if now >= due:
-                        c.pending += 1
-                        c.deadline = now + self.reply_timeout
-                        c.write(_ECHO)
+                        c.sleeping = False
+                        c.retry_at = 0.0
+                        self._send_grab(c, now)
                         if c.broken is not None:
                             self._drop(c, c.broken)
                         continue
@@ -711,15 +797,20 @@ class GearmanWorker:
         c.state = _UP
         c.last_rx = now
         data = self._hello
-        c.pending = 1
         if not self._stopping and not self._stop_now():
-            data += _GRAB
-            c.grabbing = True
-            c.pending = 2
-        c.deadline = now + self.reply_timeout
+            c.grabbing = True  # the grab's answer confirms the registration
+            c.pending += 1
+            c.deadline = now + self.reply_timeout
+            data += c.grab
         c.write(data)
         if c.broken is not None:
             self._drop(c, c.broken)
+
+    def _send_grab(self, c: _Conn, now: float) -> None:
+        c.grabbing = True
+        c.pending += 1
+        c.deadline = now + self.reply_timeout
+        c.write(c.grab)
 
     def _drop(self, c: _Conn, reason: str) -> None:
         was_confirmed = c.confirmed
@@ -791,6 +882,10 @@ class GearmanWorker:
             self._drop(c, "connection closed by server")
             return
         c.last_rx = now
+        if c.skip:
+            data = self._skip(c, data, now)
+            if not data:
+                return
         if c.inbuf:
             c.inbuf += data
             if len(c.inbuf) < c.need:
@@ -804,11 +899,15 @@ class GearmanWorker:
         total = len(data)
         gen = c.gen
         handlers = self._on_packet
+        limit = self.protocol.max_packet_size
         while total - pos >= HEADER_SIZE:
             # codec.unpack() inlined: this loop runs for every packet of every job
             magic, ptype, size = unpack_header(data, pos)
-            if magic != RES or size > MAX_PACKET_SIZE:
-                self._drop(c, "malformed packet from server")
+            if magic != RES or size > limit:
+                if magic == RES and ptype in _ASSIGNS and c.grabbing:
+                    self._oversize(c, size, data[pos + HEADER_SIZE :])
+                else:
+                    self._drop(c, "malformed packet from server")
                 return
             start = pos + HEADER_SIZE
             end = start + size
@@ -828,8 +927,63 @@ class GearmanWorker:
         if pos < total:
             rest = data[pos:]
             c.inbuf = bytearray(rest)
-            # a partial header is not checked yet; a whole one passed unpack() above
-            c.need = unpack(rest)[2] if len(rest) >= HEADER_SIZE else HEADER_SIZE
+            # a partial header is not checked yet; a whole one passed the checks above
+            c.need = unpack(rest, 0, limit)[2] if len(rest) >= HEADER_SIZE else HEADER_SIZE
+
+    # ------------------------------------------------------------------ oversize jobs
+
+    def _oversize(self, c: _Conn, size: int, body: bytes) -> None:
+        """A job packet over max_packet_size: discard its body as it arrives (never held in
+        memory), then fail the job by its handle."""
+        c.inbuf = bytearray()
+        c.skip = c.skip_size = size
+        c.skip_head = bytearray()
+        rest = self._skip(c, body, time.monotonic())
+        if rest and c.state == _UP:
+            self._parse(c, rest)
+
+    def _skip(self, c: _Conn, data: bytes, now: float) -> bytes:
+        """Discard what belongs to the oversize packet; returns the bytes after it."""
+        n = min(c.skip, len(data))
+        room = _OVERSIZE_HEAD - len(c.skip_head)
+        if room > 0:
+            c.skip_head += data[: min(n, room)]
+        c.skip -= n
+        c.deadline = now + self.reply_timeout  # a slow transfer is not a dead server
+        if c.skip:
+            return b""
+        self._reject_oversize(c)
+        return data[n:] if c.state == _UP else b""
+
+    def _reject_oversize(self, c: _Conn) -> None:
+        handle, sep, rest = bytes(c.skip_head).partition(b"\0")
+        if not sep or not handle:
+            self._drop(c, "oversize job packet without a handle")
+            return
+        function = rest.partition(b"\0")[0].decode("utf-8", "replace")
+        limit = self.protocol.max_packet_size
+        message = (
+            f"job packet of {c.skip_size} bytes is larger than max_packet_size "
+            f"({limit} bytes); the job was not run"
+        )
+        c.skip_head = bytearray()
+        log.error(
+            "job %s (%s) failed: %s", function, handle.decode("utf-8", "replace"), message,
+            extra={"function": function},
+        )  # fmt: skip
+        c.grabbing = False
+        c.pending -= 1
+        if not c.confirmed:
+            self._confirm(c)
+        self.jobs_failed += 1
+        packet = _failure_packet(handle, message.encode(), self.protocol.send_exceptions, c.legacy)
+        self._answer(c, packet)
+        if self.on_rejected is not None:
+            self.on_rejected(function, handle.decode("utf-8", "surrogateescape"), message)
+        if c.broken is not None:
+            self._drop(c, c.broken)
+
+    # ------------------------------------------------------------------ replies
 
     def _on_assign(self, c: _Conn, ptype: int, body: bytes) -> None:
         fields = 4 if ptype == JOB_ASSIGN_UNIQ else 3
@@ -839,6 +993,8 @@ class GearmanWorker:
             return
         c.grabbing = False
         c.pending -= 1
+        if not c.confirmed:
+            self._confirm(c)
         self._run_job(c, parts)
 
     def _on_no_job(self, c: _Conn, ptype: int, body: bytes) -> None:
@@ -847,6 +1003,8 @@ class GearmanWorker:
             return
         c.grabbing = False
         c.pending -= 1
+        if not c.confirmed:
+            self._confirm(c)
         if not self._stopping:
             c.sleeping = True
             c.write(_PRE_SLEEP)
@@ -855,26 +1013,65 @@ class GearmanWorker:
         if c.sleeping:
             c.sleeping = False
             if not self._stopping and not self._stop_now():
-                c.grabbing = True
-                c.pending += 1
-                c.deadline = time.monotonic() + self.reply_timeout
-                c.write(_GRAB)
+                self._send_grab(c, time.monotonic())
+
+    def _confirm(self, c: _Conn) -> None:
+        """A grab was answered: the registration holds and jobs can come from this server."""
+        c.confirmed = True
+        c.backoff = self.reconnect_min
+        log.info("registered on gearmand %s", c.label)
+        self._set_confirmed(self._confirmed + 1)
+        if c in self._refusing:
+            self._refusing.discard(c)
+            log.warning("gearmand %s accepts grabs again", c.label)
+            self._report_refused()
+
+    def _report_refused(self) -> None:
+        if self._on_refused is not None:
+            self._on_refused(len(self._refusing))
 
     def _on_echo_res(self, c: _Conn, ptype: int, body: bytes) -> None:
-        if c.pending > (1 if c.grabbing else 0):
-            c.pending -= 1
-        if not c.confirmed:
-            c.confirmed = True
-            c.backoff = self.reconnect_min
-            log.info("registered on gearmand %s", c.label)
-            self._set_confirmed(self._confirmed + 1)
+        pass  # never asked for (optional on some servers); harmless
 
     def _on_error(self, c: _Conn, ptype: int, body: bytes) -> None:
         code, _, text = body.partition(b"\0")
-        log.warning(
-            "gearmand error %s: %s: %s",
-            c.label, code.decode("utf-8", "replace"), text.decode("utf-8", "replace"),
-        )  # fmt: skip
+        reason = f"{code.decode('utf-8', 'replace')}: {text.decode('utf-8', 'replace')}"
+        if c.grabbing and not c.confirmed:
+            # nothing before the first grab draws an answer: this ERROR is the grab's
+            self._grab_refused(c, reason.strip())
+            return
+        log.warning("gearmand error %s: %s", c.label, reason)
+
+    def _grab_refused(self, c: _Conn, reason: str) -> None:
+        now = time.monotonic()
+        if c.grab is _GRAB:
+            # an older server (Perl's Gearman::Server): GRAB_JOB is in every version
+            c.grab = _GRAB_PLAIN
+            c.legacy = True
+            if not c.noted_legacy:
+                c.noted_legacy = True
+                log.warning(
+                    "gearmand %s refuses GRAB_JOB_UNIQ (%s): grabbing with GRAB_JOB; on this "
+                    "server job.unique is empty, send_data and send_warning send nothing, and "
+                    "a failure's message goes out as WORK_EXCEPTION before WORK_FAIL",
+                    c.label, reason,
+                )  # fmt: skip
+            c.deadline = now + self.reply_timeout
+            c.write(c.grab)
+            return
+        # no grab works: nothing can be served from this server; try again later
+        c.grabbing = False
+        c.pending -= 1
+        c.grab = _GRAB
+        c.legacy = False
+        c.retry_at = now + self.ping_interval
+        if c not in self._refusing:
+            self._refusing.add(c)
+            log.warning(
+                "gearmand %s refuses grabs (%s): no job can be served from it; trying again "
+                "every %gs", c.label, reason, self.ping_interval,
+            )  # fmt: skip
+            self._report_refused()
 
     def _on_option_res(self, c: _Conn, ptype: int, body: bytes) -> None:
         pass  # an answer to nothing we asked; harmless
@@ -885,11 +1082,11 @@ class GearmanWorker:
         return self._stopping
 
     def _run_job(self, c: _Conn, parts: list[bytes]) -> None:
-        handle = parts[0]
         if len(parts) == 4:
-            fname, unique, workload = parts[1], parts[2], parts[3]
+            handle, fname, unique, workload = parts
         else:
-            fname, unique, workload = parts[1], b"", parts[2]
+            handle, fname, workload = parts
+            unique = b""
         entry = self._handlers.get(fname)
         if entry is None:
             packet = _failure_packet(handle, b"function not registered by this worker")
@@ -903,24 +1100,31 @@ class GearmanWorker:
                 unique.decode("utf-8", "surrogateescape"),
                 c,
                 handle,
+                unique,
             )
             try:
                 result = handler(job)
                 if type(result) is not bytes:
                     result = _coerce_result(result)
-                packet = b"".join((header(WORK_COMPLETE, len(handle) + 1 + len(result)),
-                                   handle, b"\0", result))  # fmt: skip
+                size = len(handle) + 1 + len(result)
+                packet = b"".join((pack_header(REQ, WORK_COMPLETE, size), handle, b"\0", result))
                 self.jobs_completed += 1
             except Exception as exc:
-                packet = _failure_packet(handle, _exception_message(exc))
+                packet = _failure_packet(
+                    handle, _exception_message(exc), self.protocol.send_exceptions, c.legacy
+                )
                 self.jobs_failed += 1
             finally:
                 job._conn = None
                 job._gen = _FINISHED
         if c.broken is not None:
             return
+        self._answer(c, packet)
+
+    def _answer(self, c: _Conn, packet: bytes) -> None:
+        """Send a job's result together with the next grab (unless stopping), in one write."""
         if not self._stopping and not self._stop_now():
-            packet += _GRAB
+            packet += c.grab
             c.grabbing = True
             c.pending += 1
             c.deadline = time.monotonic() + self.reply_timeout

@@ -48,10 +48,14 @@ class Process:
     job_name: str
     started: float  # monotonic
     registered: bool = False
+    grabs_refused: int = 0  # gearmand servers refusing every grab of this process
     busy: bool = False
     busy_since: float = 0.0  # monotonic
     idle_since: float | None = None  # monotonic; None until registered
     jobs_done: int = 0
+    functions: tuple[str, ...] = ()  # of its job when it started (a reload may change the job)
+    reported: int = 0  # its jobs whose reports arrived: its next message numbers from here
+    bad_reports: int = 0  # reports dropped: not a known outcome or function of its job
     retiring: bool = False  # told to stop (TERM sent)
     term_sent: float = 0.0
     kill_sent: bool = False  # SIGKILL sent: it ignored its stop, or a deadline passed

@@ -53,6 +53,17 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.resolver_failures = Counter(
+            "gdriver_resolver_failures",
+            "Failed lookups of a gearmand name (an error, no address, or no answer in time).",
+            ["server"],
+            registry=r,
+        )
+        self.resolver_restarts = Counter(
+            "gdriver_resolver_restarts",
+            "Restarts of the resolver process (it died, or a lookup in it never returned).",
+            registry=r,
+        )
         self.poll_duration = Histogram(
             "gdriver_observer_poll_duration_seconds",
             "Time to poll every gearmand's status.",

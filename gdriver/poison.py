@@ -3,11 +3,16 @@
 gearmand hands the job of a worker whose connection drops to another worker, so a job that
 kills its process (``os._exit``, a segfault, a timeout it blocks until SIGKILL) would kill
 one process after another for ever. The supervisor reads from a dead process's slot
-(``gdriver.slots``) the job it was running and counts the death against the job's handle and
-unique (:class:`PoisonBook`). After ``poison_threshold`` deaths the job goes into the poison
-table every process reads before each job: the next process that grabs it answers WORK_FAIL
-with a message saying why, without running it, tells the supervisor (channel ``P``), which
-logs it once and counts it in ``gdriver_poison_jobs_total``.
+(``gdriver.slots``) the job it was running and counts the death against the job
+(:class:`PoisonBook`): its function and unique, or its handle when it has no unique. After
+``poison_threshold`` deaths the job goes into the poison table every process reads before
+each job: the next process that grabs it answers WORK_FAIL with a message saying why, without
+running it, tells the supervisor (channel ``P``), which logs it once and counts it in
+``gdriver_poison_jobs_total``.
+
+A job's deaths are forgotten KEEP_FOR seconds after the last one, and a job known by its
+handle alone once it has been failed: gearmand numbers handles afresh when it restarts, so
+the same handle soon names another job.
 """
 
 from __future__ import annotations
@@ -15,31 +20,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 from gdriver.channel import JobReport
 from gdriver.exits import Exit
-from gdriver.jobs import JobSpec, JobState, Process
+from gdriver.jobs import JobState, Process
 from gdriver.logs import log_event
 from gdriver.metrics import Metrics
-from gdriver.slots import TABLE, Board, RunningJob, job_keys
+from gdriver.slots import TABLE, Board, Finished, RunningJob, job_key
 
 log = logging.getLogger("gdriver")
 
 KEPT = 4 * TABLE  # jobs whose deaths are remembered; the oldest are forgotten first
+KEEP_FOR = 3600.0  # s after a job's last death: then its deaths are forgotten
 COUNTED = ("crash", "signal", "exit", "timeout")  # exits that are the running job's doing
 
 
 @dataclasses.dataclass
 class Record:
-    """The deaths of one job (by handle, and by unique when it has one)."""
+    """The deaths of one job (by function and unique, or by handle when it has no unique)."""
 
     job_name: str
     function: str
     handle: str
     unique: str
-    keys: tuple[int, int]
+    key: int
     deaths: int = 0
+    since: float = 0.0  # perf_counter time of the last death
     last: str = ""  # how the last process died: "signal SIGSEGV", "exit status 3"
     poisoned: bool = False
     failed: int = 0  # times a process failed it as poison
@@ -54,12 +62,18 @@ def describe(ended: Exit) -> str:
 class PoisonBook:
     """The supervisor's count of deaths per job, and the poison table it publishes."""
 
-    def __init__(self, board: Board, metrics: Metrics, threshold: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        board: Board,
+        metrics: Metrics,
+        threshold: Callable[[], int],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.board = board
         self.metrics = metrics
         self.threshold = threshold  # read at each death: a reload may change it
-        self.records: dict[int, Record] = {}  # key (handle's or unique's) -> its record
-        self.order: list[Record] = []  # oldest first
+        self.clock = clock  # the processes compare the table's times with their perf_counter
+        self.records: OrderedDict[int, Record] = OrderedDict()  # key -> record, oldest first
 
     def exited(
         self,
@@ -73,23 +87,29 @@ class PoisonBook:
         free its slot."""
         state = self.board.read(proc.pid, time.perf_counter())
         if job is not None:
-            unsent = self.board.finished_since(proc.pid, proc.jobs_done)
+            unsent = self.unsent(proc, 1 << 62, live=False)
             if unsent:
-                on_reports(job, proc, [JobReport(f.outcome, f.seconds,
-                           function_of(job.spec, f.method), "") for f in unsent])  # fmt: skip
+                on_reports(job, proc, unsent)
         self.board.release(proc.pid)
         running = state.running
         if running is None or job is None:
             return Death(running)
-        death = Death(running, function_of(job.spec, running.method))
+        death = Death(running, function_of(proc.functions, running.method))
         if self.counts(running, ended):
             death.record = self.died(job.name, death.function, running, ended)
         return death
 
+    def unsent(self, proc: Process, end: int, live: bool) -> list[JobReport]:
+        """The reports of ``proc``'s jobs from the first it has not sent (or whose message was
+        lost) up to ``end``, as its slot still holds them."""
+        found = self.board.finished_range(proc.pid, proc.reported, end, live)
+        return [report_of(f, proc.functions) for f in found]
+
     def running(self, proc: Process, job: JobState) -> dict[str, object]:
         """The log fields of the job a live process runs now (none between jobs)."""
         running = self.board.read(proc.pid, time.perf_counter()).running
-        return Death(running, function_of(job.spec, running.method) if running else "").fields()
+        function = function_of(proc.functions, running.method) if running else ""
+        return Death(running, function).fields()
 
     @staticmethod
     def counts(running: RunningJob | None, ended: Exit) -> bool:
@@ -100,47 +120,57 @@ class PoisonBook:
     def died(self, job_name: str, function: str, running: RunningJob, ended: Exit) -> Record:
         """A process died running ``running``: one more death for it; poisoned at the
         threshold (the table is rewritten at once, before any replacement is forked)."""
-        keys = job_keys(function, running.handle_bytes, running.unique_bytes)
-        record = self.records.get(keys[0]) or (self.records.get(keys[1]) if keys[1] else None)
+        now = self.clock()
+        changed = self.expire(now)
+        key = job_key(function, running.handle_bytes, running.unique_bytes)
+        record = self.records.pop(key, None)
         if record is None:
-            record = Record(job_name, function, running.handle, running.unique, keys)
-            self.remember(record)
-        elif keys[0] not in self.records:  # the same unique under a new handle
-            self.records[keys[0]] = record
+            record = Record(job_name, function, running.handle, running.unique, key)
+        self.records[key] = record  # the most recent death last
         record.deaths += 1
         record.last = describe(ended)
+        record.since = now
         threshold = self.threshold()
-        if threshold and record.deaths >= threshold and not record.poisoned:
-            record.poisoned = True
+        if threshold and record.deaths >= threshold:
+            record.poisoned = changed = True  # (its deaths and last exit: the message says them)
+        if len(self.records) > KEPT:
+            _, old = self.records.popitem(last=False)
+            changed = changed or old.poisoned
+        if changed:
             self.publish()
-        elif record.poisoned:
-            self.publish()  # its deaths and last exit, as the message says them
         return record
 
-    def remember(self, record: Record) -> None:
-        for key in record.keys:
-            if key:
-                self.records[key] = record
-        self.order.append(record)
-        if len(self.order) > KEPT:
-            old = self.order.pop(0)
-            for key in [k for k, r in self.records.items() if r is old]:
-                del self.records[key]
-            if old.poisoned:
-                self.publish()
+    def expire(self, now: float) -> bool:
+        """Forget the jobs whose last death is KEEP_FOR old; whether a poisoned one went."""
+        changed = False
+        while self.records:
+            record = next(iter(self.records.values()))
+            if now - record.since < KEEP_FOR:
+                break
+            del self.records[record.key]
+            changed = changed or record.poisoned
+        return changed
 
     def publish(self) -> None:
-        """Write the poisoned jobs into the table the processes read."""
-        entries = [(r.keys[0], r.keys[1], r.deaths, r.last) for r in self.order if r.poisoned]
+        """Write the poisoned jobs into the table the processes read: each until KEEP_FOR
+        after its last death (a process refuses it no more after that, table rewritten or
+        not)."""
+        entries = [(r.key, r.since + KEEP_FOR, r.deaths, r.last)
+                   for r in self.records.values() if r.poisoned]  # fmt: skip
         self.board.set_poison(entries)
 
     def failed(self, job_name: str, function: str, handle: str, unique: str) -> None:
-        """A process failed a poisoned job without running it: log it, count it."""
-        keys = job_keys(function, *(s.encode("utf-8", "surrogateescape") for s in (handle, unique)))
-        record = self.records.get(keys[0]) or (self.records.get(keys[1]) if keys[1] else None)
+        """A process failed a poisoned job without running it: log it, count it. A job
+        known by its handle alone is forgotten: gearmand has its answer, and after a restart
+        the handle names another job."""
+        key = job_key(function, *(s.encode("utf-8", "surrogateescape") for s in (handle, unique)))
+        record = self.records.get(key)
         deaths, last = (record.deaths, record.last) if record is not None else (0, "")
         if record is not None:
             record.failed += 1
+            if not record.unique:
+                del self.records[key]
+                self.publish()
         self.metrics.poison_jobs.labels(job_name, function).inc()
         message = (
             f"poison job {function} {handle} failed without running it: {deaths} worker "
@@ -188,5 +218,11 @@ class Death:
         return text
 
 
-def function_of(spec: JobSpec, method: int) -> str:
-    return spec.methods[method].function if 0 <= method < len(spec.methods) else "?"
+def function_of(functions: Sequence[str], method: int) -> str:
+    """The function of a method index in a process's job (its own, from before any reload)."""
+    return functions[method] if 0 <= method < len(functions) else "?"
+
+
+def report_of(finished: Finished, functions: Sequence[str]) -> JobReport:
+    function = function_of(functions, finished.method)
+    return JobReport(finished.outcome, finished.seconds, function, "")

@@ -1,9 +1,15 @@
 """What runs inside a forked worker process.
 
 The child reports to the supervisor over its own channel socket (messages in
-:mod:`gdriver.channel`, never its stdout). The supervisor never sends anything: it stops a child
-with SIGTERM (finish the current job, then exit) and the child stops by itself when the
-channel reaches EOF or the supervisor dies.
+:mod:`gdriver.channel`, never its stdout). The supervisor sends it only the addresses of
+gearmand names (``A``): it stops a child with SIGTERM (finish the current job, then exit)
+and the child stops by itself when the channel reaches EOF or the supervisor dies.
+
+Whatever a job raises fails that job, never its process: ``Exception``, ``JobTimeout``
+(the process then starts afresh) and every other ``BaseException`` (``KeyboardInterrupt``,
+``asyncio.CancelledError``, ...). ``SystemExit`` fails the job too, and then the process
+exits cleanly and is replaced (the job asked for its process to end, as in Gearman::Driver).
+Stop signals never raise in a job: they set a flag the worker checks between jobs.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from gdriver import logs, resolver, slots
 from gdriver.codec import RES, pack
 from gdriver.codec import PacketType as P
 from gdriver.exits import EXIT_WORKER_FAILED
-from gdriver.gearman import GearmanWorker, Job, JobFailed, Server
+from gdriver.gearman import GearmanWorker, Job, JobFailed, Protocol, Server
 from gdriver.jobs import JobSpec, MethodSpec
+from gdriver.worker import Worker
 
 log = logging.getLogger("gdriver.process")
 
@@ -94,7 +101,8 @@ class Child:
         self.idle_since: float | None = None  # monotonic; set while idle but still reported busy
         self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
         self.slot = slots.child_slot()  # the running job and finished ones, for the supervisor
-        self.last_flush = time.monotonic()
+        self.end_hook = _overridden(spec.worker, "end")  # None: Worker's own, which does nothing
+        self.last_flush = time.perf_counter()  # the clock jobs are timed with
 
     # -- channel -----------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -119,13 +127,14 @@ class Child:
 
     def flush(self) -> None:
         """Send the finished jobs' reports in one message (many jobs per message under load)."""
-        self.last_flush = time.monotonic()
+        self.last_flush = time.perf_counter()  # the clock jobs are timed with
         if self.finished:
             batch, self.finished = self.finished, []
             self.send_reports(batch)
 
     def send_reports(self, batch: list[tuple[str, float, str, str]]) -> None:
-        for data in messages.encode_done(batch):
+        # numbered as the slot numbers them: each report was written there first
+        for data in messages.encode_done(batch, self.slot.done - len(batch)):
             self.send(data)
 
     def on_idle(self) -> float | None:
@@ -172,7 +181,7 @@ class Child:
                 data = b""
             if not data:
                 self.stop_requested = True  # EOF: the supervisor is gone
-            elif data.startswith(resolver.UPDATE_TAG):
+            elif data.startswith(messages.ADDRESSES):
                 resolver.apply_message(data)  # a gearmand name's addresses changed
         else:
             try:
@@ -195,48 +204,50 @@ class Child:
         send = self.send
         index = self.spec.methods.index(method)
         begin = self.slot.begin
+        begin_hook = _overridden(worker, "begin")  # None: Worker's own, which does nothing
+        clock = time.perf_counter
 
         def handle(job: Job) -> bytes:
+            # one frame per job (this runs for every job), the hooks only when a worker has them
             try:
-                return run_job(job)
+                start = clock()
+                self.idle_since = None
+                if not self.busy_reported:
+                    self.busy_reported = True
+                    send(busy_msg)
+                    start = clock()
+                elif self.finished and start - self.last_flush > FLUSH_AFTER:
+                    self.flush()  # reports of earlier jobs must not wait for this one
+                    start = clock()
+                poisoned = begin(index, function, job._handle, job._unique, start)
+                if poisoned:
+                    self.refuse(job, function, poisoned, start)
+                data = b""
+                workload: Any = job.workload
+                error: BaseException | None = None
+                try:
+                    if timeout:
+                        self.timing = True
+                        signal.setitimer(signal.ITIMER_REAL, timeout)
+                    if decode is not None:
+                        workload = decode(workload)
+                    if begin_hook is not None:
+                        begin_hook(job, workload)
+                    result = body(worker, job, workload)
+                    if encode is not None:
+                        result = encode(result)
+                    data = result if type(result) is bytes else to_bytes(result, function)
+                except BaseException as exc:  # any of them fails this job, not the process
+                    error = exc
+                finally:
+                    # the limit covers the job, not its hooks: a late alarm is a no-op from here
+                    if timeout:
+                        self.timing = False
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                message = self.job_finished(job, workload, error, function, start)
             except JobTimeout:  # the alarm fired while it was being disarmed: still a timeout
                 self.stop_requested, self.stop_reason = True, "timeout"
                 raise JobFailed(b"JobTimeout: job exceeded its timeout") from None
-
-        def run_job(job: Job) -> bytes:
-            self.idle_since = None
-            if not self.busy_reported:
-                self.busy_reported = True
-                send(busy_msg)
-            elif self.finished and time.monotonic() - self.last_flush > FLUSH_AFTER:
-                self.flush()  # reports of earlier jobs must not wait for this one
-            start = time.perf_counter()
-            unique = job.unique.encode("utf-8", "surrogateescape")
-            poisoned = begin(index, function, job._handle, unique, start)
-            if poisoned:
-                self.refuse(job, function, poisoned, start)
-            data = b""
-            workload: Any = job.workload
-            error: BaseException | None = None
-            try:
-                if timeout:
-                    self.timing = True
-                    signal.setitimer(signal.ITIMER_REAL, timeout)
-                if decode is not None:
-                    workload = decode(job.workload)
-                worker.begin(job, workload)
-                result = body(worker, job, workload)
-                if encode is not None:
-                    result = encode(result)
-                data = to_bytes(result, function)
-            except (Exception, JobTimeout, SystemExit) as exc:
-                error = exc
-            finally:
-                # the limit covers the job, not its hooks: a late alarm is a no-op from here
-                self.timing = False
-                if timeout:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            message = self.job_finished(job, workload, error, function, start)
             if error is not None:
                 raise JobFailed(message.encode("utf-8", "replace"))
             return data
@@ -247,20 +258,23 @@ class Child:
         self, job: Job, workload: Any, error: BaseException | None, function: str, start: float
     ) -> str:
         """Run the end hooks, queue the job's report; the error message ("" when it worked)."""
-        worker = self.spec.worker
-        outcome, message = "complete", ""
-        if error is not None:
+        if error is None:
+            outcome, message = "complete", ""
+        else:
             outcome, message = self.job_failed(function, error)
-            _guarded(worker.on_exception, job, workload, error)
-        _guarded(worker.end, job, workload, error)
+            _guarded(self.spec.worker.on_exception, job, workload, error)
+        if self.end_hook is not None:
+            _guarded(self.end_hook, job, workload, error)
         self.jobs_done += 1
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        seconds = end - start
         self.slot.finish(outcome, seconds)  # a death before the flush loses no report
-        self.finished.append((outcome, seconds, function, message[:MAX_ERROR]))
+        finished = self.finished
+        finished.append((outcome, seconds, function, message[:MAX_ERROR] if message else ""))
         if (
-            outcome != "complete"  # errors show in the console at once
-            or len(self.finished) >= FLUSH_JOBS
-            or time.monotonic() - self.last_flush > FLUSH_AFTER
+            error is not None  # errors show in the console at once
+            or len(finished) >= FLUSH_JOBS
+            or end - self.last_flush > FLUSH_AFTER
         ):
             self.flush()
         return message
@@ -274,6 +288,17 @@ class Child:
         self.finished.append(("fail", seconds, function, why[:MAX_ERROR]))
         self.flush()
         raise JobFailed(why.encode("utf-8", "replace"))
+
+    def rejected(self, function: str, handle: str, message: str) -> None:
+        """The worker failed a job without running it (its packet is over the limit)."""
+        self.jobs_done += 1
+        # in the slot too, begun and finished, so its reports stay numbered as the slot's jobs
+        index = self.spec.functions.index(function) if function in self.spec.functions else 0
+        raw = handle.encode("utf-8", "surrogateescape")
+        self.slot.begin(index, function, raw, b"", time.perf_counter())
+        self.slot.finish("fail", 0.0)
+        self.finished.append(("fail", 0.0, function, message[:MAX_ERROR]))
+        self.flush()
 
     def job_failed(self, function: str, error: BaseException) -> tuple[str, str]:
         """Log a failed job and decide what follows: (outcome, message)."""
@@ -297,10 +322,18 @@ class Child:
         return outcome, message
 
 
+def _overridden(worker: Any, name: str) -> Callable[..., Any] | None:
+    """The worker's hook ``name``; None when it is :class:`Worker`'s, which does nothing."""
+    hook: Callable[..., Any] = getattr(worker, name)
+    if getattr(hook, "__func__", None) is getattr(Worker, name):
+        return None
+    return hook
+
+
 def _guarded(hook: Callable[..., Any], *args: Any) -> None:
     try:
         hook(*args)
-    except Exception:
+    except BaseException:  # a hook cannot end its process either
         log.exception("hook %s failed", getattr(hook, "__name__", hook))
 
 
@@ -334,8 +367,6 @@ def warm_up() -> None:
         _prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         pass
-    from gdriver.worker import Worker
-
     spec = JobSpec("warm_up", Worker(), [MethodSpec("warm_up", "warm_up", _echo)])
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     theirs.setblocking(False)
@@ -377,8 +408,8 @@ def warm_up() -> None:
 WARM_UP_JOBS = 16  # past CPython's specialisation threshold
 
 
-# what gearmand answers the worker: the registration's ECHO, then one job per grab
-WARM_UP_REPLIES = pack(P.ECHO_RES, b"gdriver", magic=RES) + b"".join(
+# what gearmand answers the worker: one job per grab (the first confirms the registration)
+WARM_UP_REPLIES = b"".join(
     pack(P.JOB_ASSIGN_UNIQ, b"H:warm:%d" % i, b"warm_up", b"", b"x", magic=RES)
     for i in range(WARM_UP_JOBS)
 )
@@ -396,8 +427,10 @@ def run(
     lifetime: float,
     loglevel: int,
     unblock: Iterable[int] = (),
+    protocol: Protocol | None = None,
 ) -> NoReturn:
-    """The body of a forked worker process. Never returns."""
+    """The body of a forked worker process. Never returns. ``protocol``: the deployment's
+    ``send_exceptions`` and ``max_packet_size``."""
     code = 0
     try:
         _set_pdeathsig()
@@ -410,7 +443,7 @@ def run(
         wake_fd = _handle_signals(child, unblock)
         _set_title(spec)
         spec.worker.after_fork()  # per-process connections, before registering
-        _serve(child, servers, wake_fd)
+        _serve(child, servers, wake_fd, protocol)
     except BaseException:
         code = EXIT_WORKER_FAILED
         try:
@@ -452,15 +485,22 @@ def _set_title(spec: JobSpec) -> None:
         setproctitle.setproctitle(title)
 
 
-def _serve(child: Child, servers: list[Server], wake_fd: int) -> None:
+def _serve(
+    child: Child, servers: list[Server], wake_fd: int, protocol: Protocol | None = None
+) -> None:
     """Register the job's functions and run jobs until the child stops; then say why."""
     spec, channel = child.spec, child.channel
     functions = {m.function: child.handler(m) for m in spec.methods}
-    worker = GearmanWorker(servers, functions, client_id=f"gdriver:{spec.name}:{os.getpid()}")
+    client_id = f"gdriver:{spec.name}:{os.getpid()}"
+    worker = GearmanWorker(servers, functions, client_id=client_id, protocol=protocol)
     worker.poll_interval = 5.0  # signals and the channel wake it; idle children stay asleep
+    worker.on_rejected = child.rejected
 
     def on_registered(n: int) -> None:
         child.send(messages.encode_registered(n))
+
+    def on_refused(n: int) -> None:
+        child.send(messages.encode_refused(n))
 
     channel.setblocking(False)
     try:
@@ -470,6 +510,7 @@ def _serve(child: Child, servers: list[Server], wake_fd: int) -> None:
             on_wake=child.on_wake,
             on_registered=on_registered,
             on_idle=child.on_idle,
+            on_refused=on_refused,
         )
     finally:
         worker.close()

@@ -4,14 +4,20 @@ records to pass on, why a process stops."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from gdriver import channel, logs
 from gdriver.jobs import JobState, Process
+from gdriver.logs import log_event
+from gdriver.slots import OUTCOME_CODE
 
 if TYPE_CHECKING:
     from gdriver.supervisor import Driver
+
+log = logging.getLogger("gdriver")
+INF = float("inf")
 
 
 class Reports:
@@ -24,11 +30,15 @@ class Reports:
         """One channel message of a worker process (``gdriver.channel``): registered, busy,
         a batch of finished jobs, idle, a log record to pass on, or why it stops. A busy
         report from a job whose every process is busy, below its max, asks the poller for
-        an early round (sub-second scale-up). Messages that do not decode are dropped."""
+        an early round (sub-second scale-up). Messages that do not decode are dropped, the
+        first of them logged (``bad_report``)."""
         d = self.driver
         message = channel.decode(data)
         job = d.jobs.get(proc.job_name)
-        if message is None or job is None:
+        if job is None:
+            return
+        if message is None:
+            self.bad_report(proc, "a message that does not decode", data)
             return
         now = time.monotonic()
         match message:
@@ -42,8 +52,11 @@ class Reports:
                     and all(p.busy for p in job.live())
                 ):
                     d.poller.request()
-            case channel.Done(reports):
+            case channel.Done(first, reports):
                 proc.busy_since = now
+                if first > proc.reported:  # a message was lost: its jobs are in the slot
+                    self.on_jobs_done(job, proc, d.poison.unsent(proc, first, live=True))
+                proc.reported = max(proc.reported, first + len(reports))
                 self.on_jobs_done(job, proc, reports)
             case channel.Idle():
                 proc.busy = False
@@ -55,16 +68,26 @@ class Reports:
                 proc.registered = servers > 0
                 if proc.registered and not was and proc.idle_since is None:
                     proc.idle_since = now
+            case channel.GrabsRefused(servers):
+                proc.grabs_refused = servers
             case channel.Exiting(reason):
                 proc.stop_reason = proc.stop_reason or reason
             case channel.Poisoned(function, handle, unique):
-                d.poison.failed(job.name, function, handle, unique)
+                if function in proc.functions:
+                    d.poison.failed(job.name, function, handle, unique)
+                else:
+                    self.bad_report(proc, "a poison job of another function", data)
 
     def on_jobs_done(self, job: JobState, proc: Process, reports: list[channel.JobReport]) -> None:
         now = time.time()
         d = self.driver
         cache = self.job_metrics
-        for outcome, seconds, function, message in reports:
+        functions = proc.functions
+        for report in reports:
+            outcome, seconds, function, message = report
+            if outcome not in OUTCOME_CODE or function not in functions or not 0 <= seconds < INF:
+                self.bad_report(proc, "a job report of another outcome or function", report)
+                continue  # no series of a name its job does not have, no broken histogram
             proc.jobs_done += 1
             job.lastrun = now
             job.failures = 0
@@ -80,3 +103,13 @@ class Reports:
                 )
             children[0].inc()
             children[1].observe(seconds)
+
+    def bad_report(self, proc: Process, what: str, data: object) -> None:
+        """Drop what a process sent that is not a report of its job (worker code can write
+        to its channel); log the first of each process."""
+        proc.bad_reports += 1
+        if proc.bad_reports == 1:
+            message = (f"process {proc.pid} sent {what}: dropped (and any more of its kind "
+                       "from it, without a further record)")  # fmt: skip
+            log_event(log, logging.WARNING, message, "bad_report", pid=proc.pid,
+                      job_name=proc.job_name, data=repr(data)[:200])  # fmt: skip

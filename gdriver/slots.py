@@ -7,13 +7,15 @@ a header, the poison table (the jobs whose processes kept dying with them; see
 ``gdriver.poison``), then one fixed-size record per process slot. A record holds:
 
 - ``begun`` and ``finished``: jobs started and jobs finished by the process; a job runs while
-  ``begun > finished``. ``begun`` is written last when a job starts, so a reader that sees the
-  same ``begun`` before and after reading the job's fields read them whole (a sequence lock;
-  the supervisor reads a live process's slot rarely, a dead one's without any race).
+  ``begun > finished``. The running job's fields are written only between jobs (``begun ==
+  finished``), and ``begun`` last: a reader that sees both counters the same before and after
+  reading the fields read them whole (a sequence lock at no cost to the child; the supervisor
+  reads a live process's slot rarely, a dead one's without any race).
 - the running job: its start (``time.perf_counter``, CLOCK_MONOTONIC, the same in every process),
   the index of its function in the job's methods, its handle and unique (cut to FIELD bytes).
 - the outcomes of the last RING finished jobs: a process batches its job reports on its channel
-  (``gdriver.process``), and those of a process that dies before sending them are read here.
+  (``gdriver.process``), each message numbered by its first job; the reports of a process
+  that dies before sending them, or whose message was lost, are read here by that number.
 
 The child's side is :class:`Slot`; everything else is the supervisor's.
 """
@@ -35,7 +37,10 @@ OUTCOME_CODE = {name: i for i, name in enumerate(OUTCOMES)}
 _COUNT = struct.Struct("=Q")
 _JOB = struct.Struct(f"=dHH{FIELD}sH{FIELD}s")  # start, method, len, handle, len, unique
 _DONE = struct.Struct("=dHB")  # seconds, method, outcome
-_ENTRY = struct.Struct("=qqH46s")  # handle key, unique key, deaths, why (cut)
+_ENTRY = struct.Struct("=qdH46s")  # key, expires (perf_counter), deaths, why (cut)
+# bound once: a job's start and end write the slot, and each lookup counts there
+_pack_count, _unpack_count = _COUNT.pack_into, _COUNT.unpack_from
+_pack_job, _pack_done, _DONE_SIZE = _JOB.pack_into, _DONE.pack_into, _DONE.size
 _JOB_AT = 16  # after begun and finished
 _RING_AT = 160
 RECORD = 1024  # bytes per slot: 4 to a page
@@ -45,12 +50,14 @@ _SLOTS_AT = 20480  # page aligned, after the table
 assert _TABLE_AT + TABLE * _ENTRY.size <= _SLOTS_AT
 
 
-def job_keys(function: str, handle: bytes, unique: bytes) -> tuple[int, int]:
-    """The poison table's keys of a job: its handle's and its unique's (0: no unique). Python's
-    hash of bytes is seeded once per interpreter: the supervisor and its forked children agree."""
-    return hash((function, 0, handle[:FIELD])) or 1, (
-        (hash((function, 1, unique[:FIELD])) or 1) if unique else 0
-    )
+def job_key(function: str, handle: bytes, unique: bytes) -> int:
+    """The poison table's key of a job: its function and unique, or its handle when it has no
+    unique (gearmand numbers handles afresh when it restarts: a handle alone names a job only
+    until then). Python's hash of bytes is seeded once per interpreter: the supervisor and its
+    forked children agree."""
+    if unique:
+        return hash((function, 1, unique[:FIELD])) or 1
+    return hash((function, 0, handle[:FIELD])) or 1
 
 
 class RunningJob(NamedTuple):
@@ -93,26 +100,24 @@ class Slot:
         self.begun = self.done = 0  # the supervisor cleared the record
         self.method = 0  # of the job begun last
         self.seen = -1  # the poison table's version last read
-        self.keys: dict[int, tuple[int, str]] = {}  # poisoned key -> deaths, why
+        self.keys: dict[int, tuple[int, str, float]] = {}  # poisoned key -> deaths, why, until
 
     def begin(self, method: int, function: str, handle: bytes, unique: bytes, start: float) -> str:
         """A job starts: record it. Returns why it must not run ("" : run it) when the poison
         table names it."""
         buffer, at = self.buffer, self.at
-        _JOB.pack_into(buffer, at + _JOB_AT, start, method,
-                       len(handle), handle, len(unique), unique)  # fmt: skip
+        _pack_job(buffer, at + _JOB_AT, start, method, len(handle), handle, len(unique), unique)
         self.method = method
-        self.begun += 1
-        _COUNT.pack_into(buffer, at, self.begun)
-        if _COUNT.unpack_from(buffer, 0)[0] != self.seen:
+        self.begun = begun = self.begun + 1
+        _pack_count(buffer, at, begun)
+        if _unpack_count(buffer, 0)[0] != self.seen:
             self.read_table()
         if not self.keys:
             return ""
-        kh, ku = job_keys(function, handle, unique)
-        found = self.keys.get(kh) or (self.keys.get(ku) if ku else None)
-        if found is None:
+        found = self.keys.get(job_key(function, handle, unique))
+        if found is None or found[2] <= start:  # not poisoned, or no more (expired)
             return ""
-        deaths, why = found
+        deaths, why, _ = found
         return (
             f"poison job: {deaths} worker processes died running it (last: {why}); "
             "failed without running it again (poison_threshold)"
@@ -120,11 +125,11 @@ class Slot:
 
     def finish(self, outcome: str, seconds: float) -> None:
         """The job begun last finished; its report is queued."""
-        buffer, at = self.buffer, self.at
-        _DONE.pack_into(buffer, at + _RING_AT + (self.done % RING) * _DONE.size,
-                        seconds, self.method, OUTCOME_CODE.get(outcome, 1))  # fmt: skip
-        self.done += 1
-        _COUNT.pack_into(buffer, at + 8, self.done)
+        buffer, at, done = self.buffer, self.at, self.done
+        _pack_done(buffer, at + _RING_AT + (done % RING) * _DONE_SIZE,
+                   seconds, self.method, OUTCOME_CODE.get(outcome, 1))  # fmt: skip
+        self.done = done = done + 1
+        _pack_count(buffer, at + 8, done)
 
     def read_table(self) -> None:
         for _ in range(100):  # the supervisor writes it seldom: a torn read is retried
@@ -133,12 +138,10 @@ class Slot:
                 continue  # being written
             keys = {}
             for i in range(TABLE):
-                kh, ku, deaths, why = _ENTRY.unpack_from(self.buffer, _TABLE_AT + i * _ENTRY.size)
-                if kh:
-                    entry = (deaths, _text(why.rstrip(b"\0")))
-                    keys[kh] = entry
-                    if ku:
-                        keys[ku] = entry
+                at = _TABLE_AT + i * _ENTRY.size
+                key, until, deaths, why = _ENTRY.unpack_from(self.buffer, at)
+                if key:
+                    keys[key] = (deaths, _text(why.rstrip(b"\0")), until)
             if _COUNT.unpack_from(self.buffer, 0)[0] == version:
                 self.seen, self.keys = version, keys
                 return
@@ -166,7 +169,7 @@ class Board:
         self.free = list(range(slots - 1, -1, -1))
         self.by_pid: dict[int, int] = {}
         self.version = 0
-        self.entries: list[tuple[int, int, int, str]] = []
+        self.entries: list[tuple[int, float, int, str]] = []
 
     def claim(self) -> int:
         """A free slot, cleared, for the process about to be forked (-1: none free); the
@@ -207,8 +210,11 @@ class Board:
             begun = _COUNT.unpack_from(buffer, at)[0]
             finished = _COUNT.unpack_from(buffer, at + 8)[0]
             start, method, hlen, handle, ulen, unique = _JOB.unpack_from(buffer, at + _JOB_AT)
-            if _COUNT.unpack_from(buffer, at)[0] != begun:
-                continue  # it started another job meanwhile
+            if (
+                _COUNT.unpack_from(buffer, at)[0] != begun
+                or _COUNT.unpack_from(buffer, at + 8)[0] != finished
+            ):
+                continue  # it finished or started a job meanwhile: the fields may be torn
             if begun <= finished:
                 return SlotState(finished, None)
             handle, unique = handle[: min(hlen, FIELD)], unique[: min(ulen, FIELD)]
@@ -217,21 +223,27 @@ class Board:
             return SlotState(finished, running)
         return SlotState(_COUNT.unpack_from(buffer, at + 8)[0], None)
 
-    def finished_since(self, pid: int, reported: int) -> list[Finished]:
-        """The jobs ``pid`` finished after its first ``reported`` ones (those whose reports it
-        did not send: at most RING)."""
+    def finished_range(self, pid: int, first: int, end: int, live: bool) -> list[Finished]:
+        """The outcomes of ``pid``'s jobs ``first`` to ``end - 1`` (numbered from 0, as its
+        messages number them) that its ring still holds: those whose reports never reached
+        the supervisor. ``live``: the process may still be writing; an entry it may be
+        overwriting is left out."""
         index = self.by_pid.get(pid, -1)
         if index < 0:
             return []
         at = _SLOTS_AT + index * RECORD
-        finished = _COUNT.unpack_from(self.buffer, at + 8)[0]
+        buffer = self.buffer
+        finished = _COUNT.unpack_from(buffer, at + 8)[0]
         out = []
-        for n in range(max(reported, finished - RING), finished):
+        for n in range(max(first, finished - RING), min(end, finished)):
             place = at + _RING_AT + (n % RING) * _DONE.size
-            seconds, method, code = _DONE.unpack_from(self.buffer, place)
+            seconds, method, code = _DONE.unpack_from(buffer, place)
             outcome = OUTCOMES[code] if code < len(OUTCOMES) else "fail"
-            out.append(Finished(outcome, seconds, method))
-        return out
+            out.append((n, Finished(outcome, seconds, method)))
+        if live:  # job n's entry is written over by job n + RING, before that one counts
+            after = _COUNT.unpack_from(buffer, at + 8)[0]
+            return [f for n, f in out if n + RING > after]
+        return [f for _, f in out]
 
     def release(self, pid: int) -> None:
         """``pid`` was reaped and read: its slot is free."""
@@ -240,18 +252,20 @@ class Board:
             self.free.append(index)
 
     # -- the poison table --------------------------------------------------------------------
-    def set_poison(self, entries: list[tuple[int, int, int, str]]) -> None:
-        """Write the poisoned jobs (handle key, unique key, deaths, why), at most TABLE of
-        them, the last ones kept; every process reads them before its next job."""
+    def set_poison(self, entries: list[tuple[int, float, int, str]]) -> None:
+        """Write the poisoned jobs (key, until when: a ``time.perf_counter`` time, deaths,
+        why), at most TABLE of them, the last ones kept; every process reads them before its
+        next job."""
         entries = entries[-TABLE:]
         self.entries = entries
         self.version += 1
         buffer = self.buffer
         _COUNT.pack_into(buffer, 0, self.version)  # a reader sees it change under its read
         for i in range(TABLE):
-            kh, ku, deaths, why = entries[i] if i < len(entries) else (0, 0, 0, "")
+            key, until, deaths, why = entries[i] if i < len(entries) else (0, 0.0, 0, "")
             data = why.encode("utf-8", "replace")[: _ENTRY.size - 18]
-            _ENTRY.pack_into(buffer, _TABLE_AT + i * _ENTRY.size, kh, ku, min(deaths, 65535), data)
+            _ENTRY.pack_into(buffer, _TABLE_AT + i * _ENTRY.size, key, until, min(deaths, 65535),
+                             data)  # fmt: skip
         self.version += 1
         _COUNT.pack_into(buffer, 0, self.version)
 

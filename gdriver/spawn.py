@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from gdriver import exits, process
 from gdriver.childio import ChildIO
-from gdriver.gearman import Server
+from gdriver.gearman import Protocol, Server
 from gdriver.jobs import JobSpec
 from gdriver.logs import log_event
 from gdriver.metrics import Metrics
@@ -38,6 +38,7 @@ def fork_worker(
     blocked: Iterable[int],
     max_jobs: int,
     lifetime: float,
+    protocol: Protocol | None = None,
 ) -> tuple[int, ChildIO]:
     """Fork one worker process of ``spec``; returns its PID and the supervisor's end of its
     I/O (not yet attached to the loop). ``inherited``: the supervisor's descriptors the child
@@ -55,7 +56,7 @@ def fork_worker(
         io.abort()
         raise
     if pid == 0:
-        run_child(spec, servers, io, inherited, blocked, max_jobs, lifetime, old_mask)
+        run_child(spec, servers, io, inherited, blocked, max_jobs, lifetime, old_mask, protocol)
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return pid, io
 
@@ -69,6 +70,7 @@ def run_child(
     max_jobs: int,
     lifetime: float,
     unblock: Iterable[int],
+    protocol: Protocol | None = None,
 ) -> NoReturn:
     """The forked child's side: the supervisor's signal handlers and descriptors go, its
     pipes become stdio, then ``process.run``, which never returns."""
@@ -79,7 +81,7 @@ def run_child(
         close_all(inherited)
         channel = io.in_child()
         level = logging.getLogger().level
-        process.run(spec, list(servers), channel, max_jobs, lifetime, level, unblock)
+        process.run(spec, list(servers), channel, max_jobs, lifetime, level, unblock, protocol)
     finally:
         os._exit(exits.EXIT_WORKER_FAILED)
 

@@ -76,7 +76,7 @@ class Driver:
         self.generation = 0
         self.listeners: list[TcpServer] = []  # the console and HTTP; closed in children
         self.wakers: list[Waker] = []
-        self.resolver = Resolver(self.loop, self.children.broadcast)
+        self.resolver = Resolver(self.loop, self.children.broadcast, metrics=self.metrics)
         s = self.settings
         self.poller = GearmandPoller(self.loop, self.metrics, self.on_status, s.servers, s.interval,
                                      self.concern)  # fmt: skip
@@ -360,7 +360,8 @@ class Driver:
         self.board.bind(pid, slot)
         self.spawn_failures.started(job.name)
         now = time.monotonic()
-        proc = Process(pid=pid, job_name=job.name, started=now, generation=self.generation)
+        proc = Process(pid=pid, job_name=job.name, started=now, generation=self.generation,
+                       functions=tuple(job.functions))  # fmt: skip
         job.processes[pid] = proc
         self.procs[pid] = proc
         io.attach(self.loop, pid, job.name, partial(self.reports.on_message, proc))
@@ -421,8 +422,10 @@ class Driver:
             if pid == 0:
                 return
             proc = self.procs.pop(pid, None)
-            if proc is not None:  # others are orphans reparented to us (PID 1): just reaped
+            if proc is not None:
                 self.on_exit(proc, status)
+            else:  # the resolver's, or an orphan reparented to us (PID 1): just reaped
+                self.resolver.exited(pid, status)
 
     def on_exit(self, proc: Process, status: int) -> None:
         """A reaped worker process: read its last words, drop it from its job, log and count

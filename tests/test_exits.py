@@ -36,6 +36,10 @@ def killed(sig: int) -> int:
         (killed(signal.SIGKILL), False, "", "signal"),
         (killed(signal.SIGKILL), True, "drain_timeout", "killed"),
         (killed(signal.SIGTERM), True, "shutdown", "retired"),
+        # told to stop, it died of something else while finishing its job: a crash
+        (killed(signal.SIGSEGV), True, "shutdown", "signal"),
+        (killed(signal.SIGABRT), True, "", "signal"),
+        (killed(signal.SIGBUS), True, "reload", "signal"),
     ],
 )
 def test_classify(status: int, retiring: bool, stop_reason: str, reason: str) -> None:

@@ -18,17 +18,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from compat_support import Geard, PerlGearmand
 from support import HOST, Gearmand, do, free_port, submit_background, wait_for
 
 from gdriver.codec import RES, pack
 from gdriver.codec import PacketType as P
 from gdriver.gearman import (
     DEFAULT_PORT,
+    MAX_PACKET_SIZE,
     AdminRequest,
     FunctionStatus,
     GearmanWorker,
     Job,
     JobFailed,
+    Protocol,
     parse_servers,
     parse_status,
 )
@@ -94,6 +97,7 @@ class RunningWorker:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self.registrations: list[int] = []
+        self.refusals: list[int] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -104,6 +108,7 @@ class RunningWorker:
                 wake_fds=[self.wake_r],
                 on_wake=self._drain,
                 on_registered=self.registrations.append,
+                on_refused=self.refusals.append,
             )
         except BaseException as exc:
             self.error = exc
@@ -552,6 +557,216 @@ def test_sleeping_worker_is_woken_after_idle_pings(gearmand: Gearmand) -> None:
         assert rw.registrations == [1]
 
 
+# --------------------------------------------------------------------------- other servers
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_perl_gearman_server_falls_back_to_grab_job(caplog: pytest.LogCaptureFixture) -> None:
+    """Perl's Gearman::Server refuses GRAB_JOB_UNIQ and has no WORK_DATA or WORK_WARNING:
+    jobs are grabbed with GRAB_JOB (logged once), data and warnings are not sent (no ERROR
+    comes back), and a failure's message reaches exception listeners before WORK_FAIL."""
+
+    def progress(job: Job) -> bytes:
+        job.send_status(1, 2)
+        job.send_data(b"part")
+        job.send_warning(b"careful")
+        return b"done " + job.workload
+
+    def fail(job: Job) -> bytes:
+        raise JobFailed(b"nope")
+
+    perl = PerlGearmand().start()
+    client = None
+    try:
+        functions = {"t.perl.progress": progress, "t.perl.fail": fail}
+        with RunningWorker([(HOST, perl.port)], functions).start(registered=1) as rw:
+            client = RawPeer(perl.port)
+            for i in range(3):
+                client.send(req(P.SUBMIT_JOB, b"t.perl.progress", b"", b"%d" % i))
+                ((_, handle),) = client.read()
+                assert client.read(2) == [
+                    (P.WORK_STATUS, handle + b"\0" + b"1\0" + b"2"),
+                    (P.WORK_COMPLETE, handle + b"\0done %d" % i),
+                ]
+            client.send(req(P.OPTION_REQ, b"exceptions"))
+            assert client.read() == [(P.OPTION_RES, b"exceptions")]
+            client.send(req(P.SUBMIT_JOB, b"t.perl.fail", b"", b"x"))
+            ((_, handle),) = client.read()
+            assert client.read(2) == [(P.WORK_EXCEPTION, handle + b"\0nope"), (P.WORK_FAIL, handle)]
+            assert client.read(timeout=0.3) == []
+            assert rw.registrations == [1] and rw.refusals == []
+            assert (rw.worker.jobs_completed, rw.worker.jobs_failed) == (3, 1)
+        assert len(logged(caplog, "refuses GRAB_JOB_UNIQ")) == 1
+        assert server_errors(caplog) == []
+    finally:
+        if client is not None:
+            client.close()
+        perl.stop()
+
+
+def test_geard_registers_without_echo_and_keeps_idle_connections() -> None:
+    """gear's geard answers no ECHO_REQ: the answer to a grab confirms the registration, and
+    idle checks (grabs) keep the connection instead of dropping it for a missing reply."""
+    geard = Geard().start()
+    try:
+        rw = RunningWorker([(HOST, geard.port)], {"t.geard": echo})
+        rw.worker.ping_interval = 0.2
+        rw.worker.reply_timeout = 0.5
+        with rw.start(registered=1):
+            time.sleep(1.5)  # several idle checks, each well past reply_timeout
+            assert rw.registrations == [1]
+            assert do(geard.address, "t.geard", b"still").result == b"still"
+            assert rw.registrations == [1]
+    finally:
+        geard.stop()
+
+
+class RefusingServer:
+    """A server that refuses every grab with ERROR and keeps the connection: counts grabs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.grabs: list[int] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conns: list[socket.socket] = []
+        bufs: dict[socket.socket, bytes] = {}
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        try:
+            while self.running:
+                for key, _ in sel.select(0.05):
+                    if key.fileobj is self.listener:
+                        conn, _ = self.listener.accept()
+                        self.connections += 1
+                        conns.append(conn)
+                        bufs[conn] = b""
+                        sel.register(conn, selectors.EVENT_READ)
+                        continue
+                    conn = key.fileobj  # type: ignore[assignment]
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        sel.unregister(conn)
+                        continue
+                    buf = bufs[conn] + chunk
+                    while len(buf) >= 12:
+                        _, ptype, size = HEADER.unpack_from(buf)
+                        if len(buf) < 12 + size:
+                            break
+                        buf = buf[12 + size :]
+                        if ptype in (P.GRAB_JOB, P.GRAB_JOB_UNIQ):
+                            self.grabs.append(ptype)
+                            conn.sendall(res(P.ERROR, b"refused", b"no grabs here"))
+                    bufs[conn] = buf
+        finally:
+            sel.close()
+            for conn in conns:
+                conn.close()
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_refused_grabs_are_reported_and_retried_without_reconnecting(
+    gearmand: Gearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusing = RefusingServer()
+    try:
+        rw = RunningWorker([(HOST, refusing.port), server_of(gearmand)], {"t.refused": echo})
+        rw.worker.ping_interval = 0.3
+        rw.worker.reply_timeout = 0.3
+        with rw.start(registered=1):
+            wait_for(lambda: rw.refusals == [1])
+            assert do(gearmand.address, "t.refused", b"served").result == b"served"
+            wait_for(lambda: len(refusing.grabs) >= 6)  # tried again, both kinds each time
+            assert refusing.grabs[:2] == [P.GRAB_JOB_UNIQ, P.GRAB_JOB]
+            assert refusing.connections == 1
+            assert rw.refusals == [1] and rw.registrations == [1]
+        assert len(logged(caplog, "refuses grabs")) == 1
+    finally:
+        refusing.stop()
+
+
+def submit_raw(port: int, function: bytes, workload: bytes) -> RawPeer:
+    peer = RawPeer(port)
+    peer.send(req(P.SUBMIT_JOB, function, b"", workload))
+    return peer
+
+
+def test_a_job_over_the_packet_limit_fails_and_the_connection_stays(gearmand: Gearmand) -> None:
+    """70 MiB through gearmand: the worker discards it as it arrives and fails the job with
+    both sizes, keeps its connection and serves the next job."""
+    ran: list[int] = []
+    rejected: list[tuple[str, str, str]] = []
+
+    def handler(job: Job) -> bytes:
+        ran.append(len(job.workload))
+        return b"ok"
+
+    rw = RunningWorker([server_of(gearmand)], {"t.huge": handler})
+    rw.worker.on_rejected = lambda *args: rejected.append(args)
+    with rw.start(registered=1):
+        client = submit_raw(gearmand.port, b"t.huge", b"\xab" * (70 << 20))
+        try:
+            ((ptype, handle),) = client.read(timeout=30)
+            assert ptype == P.JOB_CREATED
+            (warning, fail) = client.read(2, timeout=30)
+            assert fail == (P.WORK_FAIL, handle)
+            message = warning[1].split(b"\0", 1)[1].decode()
+            size = len(handle) + len(b"t.huge") + (70 << 20) + 3
+            assert warning[0] == P.WORK_WARNING
+            assert f"{size} bytes" in message and f"({MAX_PACKET_SIZE} bytes)" in message
+        finally:
+            client.close()
+        assert do(gearmand.address, "t.huge", b"small").result == b"ok"
+        assert ran == [5]
+        assert rw.registrations == [1]
+        assert rejected == [("t.huge", handle.decode(), message)]
+        assert (rw.worker.jobs_failed, rw.worker.jobs_completed) == (1, 1)
+
+
+def test_packet_limit_and_send_exceptions_are_settings(fresh_gearmand: Gearmand) -> None:
+    """A smaller limit applies to every job packet; send_exceptions sends the failure as one
+    WORK_EXCEPTION (final on gearmand), to a client that asked for exceptions."""
+
+    def fail(job: Job) -> bytes:
+        raise JobFailed(b"nope")
+
+    protocol = Protocol(send_exceptions=True, max_packet_size=1 << 20)
+    functions = {"t.limit": echo, "t.exc": fail}
+    with RunningWorker([server_of(fresh_gearmand)], functions, protocol=protocol).start(1) as rw:
+        client = RawPeer(fresh_gearmand.port)
+        try:
+            client.send(req(P.OPTION_REQ, b"exceptions"))
+            assert client.read() == [(P.OPTION_RES, b"exceptions")]
+            for payload in (b"x" * (1 << 20), b"y" * 1000):  # over the limit, then under it
+                client.send(req(P.SUBMIT_JOB, b"t.limit", b"", payload))
+                ((_, handle),) = client.read()
+                ((ptype, body),) = client.read()
+                if len(payload) > 1000:
+                    assert ptype == P.WORK_EXCEPTION and b"(1048576 bytes)" in body
+                else:
+                    assert (ptype, body) == (P.WORK_COMPLETE, handle + b"\0" + payload)
+            client.send(req(P.SUBMIT_JOB, b"t.exc", b"", b"x"))
+            ((_, handle),) = client.read()
+            assert client.read() == [(P.WORK_EXCEPTION, handle + b"\0nope")]
+            assert client.read(timeout=0.3) == []
+            assert rw.registrations == [1]
+        finally:
+            client.close()
+
+
 # --------------------------------------------------------------------------- stopping
 
 
@@ -663,7 +878,6 @@ def test_stop_with_grab_outstanding_runs_the_assigned_job() -> None:
             conn, _ = listener.accept()
             with conn:
                 hello = read_packets_until(conn, P.GRAB_JOB_UNIQ)
-                conn.sendall(res(P.ECHO_RES, b"gdriver"))
                 seen.append(hello)
                 grab_sent.set()
                 release.wait(5)
@@ -680,7 +894,7 @@ def test_stop_with_grab_outstanding_runs_the_assigned_job() -> None:
 
         rw = RunningWorker([listener.getsockname()], {"t.late": handler})
         rw.worker.poll_interval = 30.0
-        rw.start(registered=1)
+        rw.start()
         try:
             assert grab_sent.wait(5)
             rw.stop_flag.set()
@@ -695,7 +909,7 @@ def test_stop_with_grab_outstanding_runs_the_assigned_job() -> None:
             rw.stop()
             thread.join(5)
     assert ran == [b"payload"]
-    assert [p for p, _ in seen[0]] == [P.CAN_DO, P.ECHO_REQ, P.GRAB_JOB_UNIQ]
+    assert [p for p, _ in seen[0]] == [P.CAN_DO, P.GRAB_JOB_UNIQ]
     assert seen[1] == [(P.WORK_COMPLETE, b"H:fake:1\0result"), (-1, b"EOF")]  # and no new grab
 
 
@@ -764,7 +978,7 @@ def test_hostile_servers_do_not_crash_the_worker(gearmand: Gearmand) -> None:
         (HEADER.pack(b"\0RES", P.JOB_ASSIGN_UNIQ, 100) + b"H:1\0", False),  # truncated, silent
         (b"HTTP/1.1 400 Bad Request\r\n\r\n", True),  # not gearman at all
         (res(P.JOB_ASSIGN_UNIQ, b"H:1", b"t.hostile"), False),  # too few fields
-        (res(P.NO_JOB) + res(P.NO_JOB), False),  # a reply to nothing
+        (res(P.ECHO_RES, b"gdriver") + res(P.NOOP), False),  # replies to nothing
     ]
     with fake_servers(*specs) as fakes:
         servers = [(HOST, f.port) for f in fakes] + [server_of(gearmand)]
@@ -782,7 +996,7 @@ def test_hostile_servers_do_not_crash_the_worker(gearmand: Gearmand) -> None:
 def test_server_error_packet_is_logged_not_fatal(
     gearmand: Gearmand, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reply = res(P.ERROR, b"ERR_CODE", b"something odd") + res(P.ECHO_RES, b"gdriver")
+    reply = res(P.NO_JOB) + res(P.ERROR, b"ERR_CODE", b"something odd")
     with fake_servers((reply, False)) as (fake,):
         rw = RunningWorker([(HOST, fake.port)], {"t.err": echo})
         rw.worker.stop_grace = 0.3  # the fake never answers the grab
@@ -795,7 +1009,7 @@ def test_server_error_packet_is_logged_not_fatal(
 
 def test_registration_lost_when_server_turns_hostile() -> None:
     # confirms the registration, then sends garbage: up, down, up, down ...
-    reply = res(P.ECHO_RES, b"gdriver") + b"garbage-garbage-garbage"
+    reply = res(P.NO_JOB) + b"garbage-garbage-garbage"
     with fake_servers((reply, False)) as (fake,):
         rw = RunningWorker([(HOST, fake.port)], {"t.flaky": echo}, reconnect_max=0.1)
         with rw.start():

@@ -248,6 +248,7 @@ def test_a_replica_cut_off_loses_nothing_and_serves_again(network: Network, tmp_
 
         ledger.submit(g, "partition.slow", "slow", 1)  # its result is lost in the cut
         wait_for(lambda: status(g, "partition.slow")[1] == 1, 5)
+        time.sleep(0.3)  # its assignment acknowledged: gearmand has nothing left to send
         ledger.submit(g, count, "before", 20)
         l1.cut()
         cut_at, cut_wall = time.monotonic(), time.time()
@@ -283,7 +284,8 @@ def test_a_replica_cut_off_loses_nothing_and_serves_again(network: Network, tmp_
         wait_for(lambda: ledger.has(back), 10)
         served_back = time.monotonic() - restored
         l2.restore()
-        # the slow job held by r1's dead connection: gearmand re-queued it, r1 ran it again
+        # the slow job, held by r1's dead connection: gearmand's keepalive found it dead and
+        # re-queued the job, r1 ran it again
         wait_for(lambda: ledger.lines().count("slow-0") == 2, 10)
         wait_for(lambda: ledger.has(ledger.sent), 20)
         wait_for(lambda: gearmand_connections(r1, a.pid) - waker, 5)  # the waker is back

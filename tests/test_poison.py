@@ -7,20 +7,28 @@ segfault and by hanging with SIGALRM blocked until SIGKILL."""
 from __future__ import annotations
 
 import signal
+import socket
+import struct
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gearman
 import pytest
-from support import HOST, Gdriver, submit_background, wait_for
+from support import HOST, Gdriver, Gearmand, do, submit_background, wait_for
 
 from gdriver import slots
+from gdriver.channel import JobReport
+from gdriver.codec import PacketType as P
+from gdriver.codec import pack
 from gdriver.exits import Exit, classify
+from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
 from gdriver.metrics import Metrics
-from gdriver.poison import PoisonBook, describe
+from gdriver.poison import KEEP_FOR, PoisonBook, describe
 from gdriver.process import FLUSH_JOBS
+from gdriver.worker import Worker
 
 NS = ("--namespaces", "poison.jobs")
 
@@ -46,10 +54,14 @@ def test_a_slot_holds_the_running_job_and_the_unsent_reports() -> None:
     for n in range(slots.RING + 5):
         slot.begin(0, "f.g", b"H:host:%d" % n, b"", 0.0)
         slot.finish("exception" if n % 2 else "complete", float(n))
-    unsent = board.finished_since(1234, 1)  # one report reached the supervisor
+    end = 1 << 62
+    unsent = board.finished_range(1234, 1, end, live=False)  # one report reached the supervisor
     assert len(unsent) == slots.RING  # the ring keeps the last ones: as many as a batch holds
     assert unsent[-1] == slots.Finished("complete", float(slots.RING + 4), 0)
-    assert board.finished_since(1234, 1 + slots.RING + 4) == [unsent[-1]]
+    assert board.finished_range(1234, 1 + slots.RING + 4, end, live=False) == [unsent[-1]]
+    # the process may still be writing: the entry its next job writes over is left out
+    assert board.finished_range(1234, 0, end, live=True) == unsent[1:]
+    assert board.finished_range(1234, slots.RING + 2, slots.RING + 4, live=True) == unsent[-4:-2]
     board.release(1234)
     assert board.claim() == index  # freed, and cleared for the next process
     assert slots.child_slot().begin(0, "f.g", b"H", b"", 0.0) == ""
@@ -71,8 +83,9 @@ def test_long_handles_are_cut_and_keyed_the_same_on_both_sides() -> None:
     slot.begin(0, "f", handle, unique, 0.0)
     running = board.read(1, 0.0).running
     assert running is not None and running.handle_bytes == handle[: slots.FIELD]
-    keys = slots.job_keys("f", running.handle_bytes, running.unique_bytes)
-    assert keys == slots.job_keys("f", handle, unique)
+    key = slots.job_key("f", running.handle_bytes, running.unique_bytes)
+    assert key == slots.job_key("f", handle, unique)
+    assert slots.job_key("f", running.handle_bytes, b"") == slots.job_key("f", handle, b"")
     board.close()
 
 
@@ -97,11 +110,101 @@ def test_the_poison_book_poisons_at_the_threshold_and_processes_see_it() -> None
     assert child.begin(0, "f", b"H:2", b"u1", 0.0).startswith("poison job")
     assert child.begin(0, "other", b"H:1", b"u1", 0.0) == ""  # another function's job
     assert child.begin(0, "f", b"H:3", b"", 0.0) == ""
+    assert child.begin(0, "f", b"H:1", b"u2", 0.0) == ""  # its handle, another job
     # 0 disables it: deaths are still counted, nothing is poisoned
     threshold[0] = 0
     running = slots.RunningJob(0, "H:9", "", 1.0, b"H:9", b"")
     assert all(not book.died("job", "f", running, segv).poisoned for _ in range(5))
     assert child.begin(0, "f", b"H:9", b"", 0.0) == ""
+    board.close()
+
+
+def test_poisoned_jobs_are_forgotten_when_their_handle_may_name_another_job() -> None:
+    # gearmand numbers handles afresh when it restarts: H:host:1 soon names an unrelated job
+    board = slots.Board(2)
+    now = [1000.0]
+    book = PoisonBook(board, Metrics(), lambda: 1, clock=lambda: now[0])
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(1, index)
+    segv = classify(signal.SIGSEGV, False, "")
+    by_handle = slots.RunningJob(0, "H:host:1", "", 1.0, b"H:host:1", b"")
+    by_unique = slots.RunningJob(0, "H:host:2", "u2", 1.0, b"H:host:2", b"u2")
+    assert book.died("job", "f", by_handle, segv).poisoned
+    assert book.died("job", "f", by_unique, segv).poisoned
+    assert child.begin(0, "f", b"H:host:1", b"", now[0]).startswith("poison job")
+    book.failed("job", "f", "H:host:1", "")  # gearmand has its answer: the job is over
+    assert child.begin(0, "f", b"H:host:1", b"", now[0]) == ""
+    # a job with a unique: every handle it comes under is refused, for KEEP_FOR
+    book.failed("job", "f", "H:host:2", "u2")
+    assert child.begin(0, "f", b"H:host:9", b"u2", now[0]).startswith("poison job")
+    assert child.begin(0, "f", b"H:host:2", b"", now[0]) == ""  # its handle alone: not it
+    # the processes stop refusing it once it is KEEP_FOR old, table rewritten or not
+    later = now[0] + KEEP_FOR + 1
+    assert child.begin(0, "f", b"H:host:9", b"u2", later) == ""
+    # and the book forgets its deaths: a new job of that unique starts from one
+    now[0] = later
+    record = book.died("job", "f", slots.RunningJob(0, "H:1", "u2", 1.0, b"H:1", b"u2"), segv)
+    assert record.deaths == 1 and list(book.records) == [record.key]
+    board.close()
+
+
+def test_a_dead_process_is_read_against_its_own_job_after_a_reload() -> None:
+    board = slots.Board(1)
+    book = PoisonBook(board, Metrics(), lambda: 3)
+    old = JobSpec(
+        "job", Worker(), [MethodSpec("old.a", "a", _body), MethodSpec("old.b", "b", _body)]
+    )
+    new = JobSpec("job", Worker(), [MethodSpec("new.b", "b", _body)])
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(7, index)
+    proc = Process(pid=7, job_name="job", started=0.0, functions=tuple(old.functions))
+    child.begin(1, "old.b", b"H:1", b"", 0.0)
+    child.finish("complete", 0.5)
+    child.begin(1, "old.b", b"H:2", b"", 0.0)
+    job = JobState(new, 1, 1)  # the reload replaced the job's spec
+    got: list[JobReport] = []
+    death = book.exited(proc, job, classify(signal.SIGSEGV, False, ""),
+                        lambda j, p, reports: got.extend(reports))  # fmt: skip
+    assert got == [JobReport("complete", 0.5, "old.b", "")]
+    assert death.function == "old.b" and death.record is not None
+    assert death.record.function == "old.b"
+    board.close()
+
+
+def _body(worker: object, job: object, workload: object) -> None:
+    return None
+
+
+def test_a_live_read_never_returns_a_torn_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the child finishes its job and starts writing the next one while the supervisor reads
+    board = slots.Board(1)
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(1, index)
+    child.begin(0, "f", b"H:old", b"u-old", 1.0)
+    plain = slots._JOB
+
+    class Interleaved(struct.Struct):
+        turns = 0
+
+        def unpack_from(self, buffer: Any, offset: int = 0) -> tuple[Any, ...]:
+            Interleaved.turns += 1
+            if Interleaved.turns == 1:  # mid-read: job 1 ends, job 2's handle is written
+                child.finish("complete", 0.1)
+                packed = bytearray(plain.size)
+                plain.pack_into(packed, 0, 2.0, 0, 5, b"H:new", 5, b"u-new")
+                at = slots._SLOTS_AT + index * slots.RECORD + slots._JOB_AT
+                buffer[at + 12 : at + 12 + 64] = packed[12 : 12 + 64]  # the handle only
+            return super().unpack_from(buffer, offset)
+
+    monkeypatch.setattr(slots, "_JOB", Interleaved(plain.format))
+    state = board.read(1, 5.0)
+    assert state.running is None or (state.running.handle, state.running.unique) in (
+        ("H:old", "u-old"),
+        ("H:new", "u-new"),
+    ), state
     board.close()
 
 
@@ -190,14 +293,24 @@ def test_poison_jobs_are_failed_with_a_message_after_the_threshold(fresh_gearman
         assert g.stop() == 0
 
 
+def running_mixed(gearmand: Gearmand, ledger: Path, workload: str) -> Gdriver:
+    """A gdriver whose poison.mixed process runs ``workload`` now."""
+    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}}
+    g = Gdriver(gearmand, *NS, config=config).start()
+    try:
+        wait_for(lambda: gearmand.workers_for("poison.mixed") >= 1, 15)
+        submit_background(gearmand.address, "poison.mixed", [workload])
+        wait_for(lambda: f"mixed {workload}" in lines(ledger), 10)
+    except BaseException:
+        g.stop()
+        raise
+    return g
+
+
 def test_a_queued_poison_job_does_not_starve_good_jobs_of_its_function(fresh_gearmand, tmp_path):
     ledger = tmp_path / "ledger"
-    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}}
-    g = Gdriver(fresh_gearmand, *NS, config=config).start()
+    g = running_mixed(fresh_gearmand, ledger, "die:exit")
     try:
-        wait_for(lambda: fresh_gearmand.workers_for("poison.mixed") >= 1, 15)
-        submit_background(fresh_gearmand.address, "poison.mixed", ["die:exit"])
-        wait_for(lambda: "mixed die:exit" in lines(ledger), 10)
         # good jobs one after the other: gearmand hands out each, then the poison job again
         client = gearman.GearmanClient([fresh_gearmand.address])
         start = time.monotonic()
@@ -285,3 +398,97 @@ def _no_core_dumps() -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_CORE, old)
+
+
+def test_worker_code_writing_to_its_channel_neither_stops_nor_skews_the_supervisor(
+    fresh_gearmand: Gearmand,
+) -> None:
+    g = Gdriver(fresh_gearmand, *NS, metrics=True).start()
+    forged = [
+        b'D["abcd"]',  # once JobReport("a", "b", "c", "d"): a series of outcome "a"
+        b'D0["abcd"]',
+        b'D[["a", 1.0, "c", "d"]]',
+        b'D0[["a", 1.0, "c", "d"]]',
+        b'D0[["complete", 0.5, "poison.forge", 5]]',
+        b'D0[["complete", "b", "poison.forge", ""]]',
+        b'P["x.y", "H:1", ""]',
+    ]
+    try:
+        wait_for(lambda: fresh_gearmand.workers_for("poison.forge") >= 1, 15)
+        for _ in range(3):
+            req = do(fresh_gearmand.address, "poison.forge", b"\n".join(forged))
+            assert req.state == "COMPLETE" and req.result == b"sent"
+        labels = {"job_name": "poison.forge", "function": "poison.forge"}
+        wait_for(lambda: metric(g.metrics_port, "gdriver_jobs_total", **labels) == 3, 10)
+        assert metric(g.metrics_port, "gdriver_jobs_total", outcome="complete", **labels) == 3
+        assert metric(g.metrics_port, "gdriver_jobs_total", job_name="poison.forge") == 3
+        assert metric(g.metrics_port, "gdriver_poison_jobs_total") == 0
+        bad = [r for r in g.records() if r.get("event") == "bad_report"]
+        assert len(bad) == 1 and bad[0]["job_name"] == "poison.forge"  # once per process
+        assert do(fresh_gearmand.address, "poison.mixed", b"ok").result == b"ok"  # it serves
+    finally:
+        assert g.stop() == 0
+
+
+def raw_submit(gearmand: Gearmand, function: bytes, data: bytes) -> tuple[bytes, int, bytes]:
+    """Submit a job without a unique (as clients may: gearmand adds none) and wait for its
+    end: (handle, WORK_COMPLETE or WORK_FAIL, data)."""
+    with socket.create_connection((HOST, gearmand.port), timeout=20) as sock:
+        sock.sendall(pack(P.SUBMIT_JOB, function, b"", data))
+        buf, handle = b"", b""
+        while True:
+            while len(buf) < 12 or len(buf) < 12 + int.from_bytes(buf[8:12], "big"):
+                chunk = sock.recv(65536)
+                assert chunk, "gearmand closed the connection"
+                buf += chunk
+            ptype, size = int.from_bytes(buf[4:8], "big"), int.from_bytes(buf[8:12], "big")
+            body, buf = buf[12 : 12 + size], buf[12 + size :]
+            if ptype == P.JOB_CREATED:
+                handle = body
+            elif ptype in (P.WORK_COMPLETE, P.WORK_FAIL):
+                return handle, ptype, body.partition(b"\0")[2]
+
+
+def test_a_poisoned_handle_does_not_refuse_another_job_after_gearmand_restarts(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    # gearmand numbers handles from 1 again when it restarts: H:host:1 is then another job
+    ledger = tmp_path / "ledger"
+    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}, "poison_threshold": 1}
+    g = Gdriver(fresh_gearmand, *NS, config=config).start()
+    try:
+        wait_for(lambda: fresh_gearmand.workers_for("poison.mixed") >= 1, 15)
+        # a job without a unique, then one with (pygearman makes one): both die, both refused
+        handle1, ptype, _ = raw_submit(fresh_gearmand, b"poison.mixed", b"die:exit")
+        assert ptype == P.WORK_FAIL
+        client = gearman.GearmanClient([fresh_gearmand.address])
+        req = client.submit_job("poison.mixed", "die:exit", poll_timeout=30)
+        handle2 = req.job.handle
+        client.shutdown()
+        assert req.state == "FAILED" and handle2 != handle1
+        assert lines(ledger).count("mixed die:exit") == 2
+        g.wait_log(lambda r: r.get("event") == "poison_job" and r["unique"], 10)
+        fresh_gearmand.stop()
+        fresh_gearmand.start()
+        wait_for(lambda: fresh_gearmand.workers_for("poison.mixed") >= 1, 15)
+        # the same handles, new jobs: they run
+        handle, ptype, data = raw_submit(fresh_gearmand, b"poison.mixed", b"first")
+        assert (handle, ptype, data) == (handle1, P.WORK_COMPLETE, b"first")
+        client = gearman.GearmanClient([fresh_gearmand.address])
+        req = client.submit_job("poison.mixed", "second", poll_timeout=30)
+        client.shutdown()
+        assert req.job.handle == handle2
+        assert req.state == "COMPLETE" and req.result == b"second"
+    finally:
+        assert g.stop() == 0
+
+
+def test_a_process_that_crashes_while_told_to_stop_is_a_crash(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    g = running_mixed(fresh_gearmand, tmp_path / "ledger", "die:slowsegv")
+    assert g.stop() == 0  # its process finishes its job: a segfault
+    death = next(r for r in g.records() if r.get("event") == "process_exited"
+                 and r.get("function") == "poison.mixed")  # fmt: skip
+    assert death["reason"] == "signal" and death["signal"] == "SIGSEGV"
+    assert death["deaths"] == 1 and death["level"] == "WARNING"

@@ -1,12 +1,15 @@
-"""A worker process's job handler: outcomes and reports, without forking."""
+"""A worker process's job handler: outcomes and reports, without forking; and what a worker
+process does with jobs that raise or are too large, on a real gearmand."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import Gdriver, Gearmand, do, wait_for
 
 from gdriver import channel
 from gdriver.gearman import Job, JobFailed
@@ -52,3 +55,67 @@ def test_a_type_error_raised_by_the_job_is_an_exception(pair: Any) -> None:
 
     report = run_one(pair, body)
     assert report.outcome == "exception"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KeyboardInterrupt("typed ^C"), asyncio.CancelledError("gone"), GeneratorExit(), SystemExit(3)],
+    ids=["KeyboardInterrupt", "CancelledError", "GeneratorExit", "SystemExit"],
+)
+def test_a_base_exception_fails_the_job_not_the_process(pair: Any, error: BaseException) -> None:
+    def body(worker: Any, job: Job, workload: Any) -> bytes:
+        raise error
+
+    ours, theirs = pair
+    spec = JobSpec("t", Worker(), [MethodSpec("t.f", "f", body)])
+    child = Child(spec, ours, 0, 0.0)
+    with pytest.raises(JobFailed) as failed:
+        child.handler(spec.methods[0])(Job(b"w", "t.f", "H:1", ""))
+    child.report_idle()
+    reports = [channel.decode(theirs.recv(65536)) for _ in range(3)][1]
+    assert isinstance(reports, channel.Done) and reports.reports[0].outcome == "exception"
+    name = type(error).__name__
+    if isinstance(error, SystemExit):
+        # the job asked for its process to end: it fails, then the process exits cleanly
+        assert failed.value.message == b"job called exit(3)"
+        assert (child.stop_requested, child.stop_reason) == (True, "exit")
+    else:
+        assert (failed.value.message or b"").startswith(name.encode())
+        assert not child.stop_requested and child.stop_reason == ""
+
+
+# -- in a real worker process, on a real gearmand ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raising(gearmand: Gearmand) -> Iterator[Gdriver]:
+    g = Gdriver(gearmand, "--namespaces", "raising", config={"max_packet_size": 1 << 20})
+    g.start()
+    try:
+        wait_for(lambda: gearmand.workers_for("raising.base") > 0, 20)
+        yield g
+    finally:
+        assert g.stop() == 0  # the stop signal still ends every process cleanly
+
+
+@pytest.mark.parametrize("kind", ["cancelled", "interrupt", "generator", "own"])
+def test_base_exceptions_in_jobs_keep_the_process(
+    raising: Gdriver, gearmand: Gearmand, kind: str
+) -> None:
+    pid = do(gearmand.address, "raising.pid", b"").result
+    req = do(gearmand.address, "raising.base", kind.encode())
+    assert req.state == "FAILED"
+    (message,) = req.warning_updates
+    name = {"cancelled": b"CancelledError", "interrupt": b"KeyboardInterrupt"}.get(kind)
+    assert message.startswith(name or (b"GeneratorExit" if kind == "generator" else b"Stubborn"))
+    assert do(gearmand.address, "raising.pid", b"").result == pid
+
+
+def test_max_packet_size_reaches_the_worker_processes(raising: Gdriver, gearmand: Gearmand) -> None:
+    pid = do(gearmand.address, "raising.pid", b"").result
+    req = do(gearmand.address, "raising.pid", b"z" * (2 << 20), timeout=30)
+    assert req.state == "FAILED"
+    (message,) = req.warning_updates
+    assert b"larger than max_packet_size (1048576 bytes)" in message
+    assert do(gearmand.address, "raising.pid", b"").result == pid  # same process, same link
+    wait_for(lambda: "max_packet_size" in (raising.console("show raising.raising")[0]), 10)

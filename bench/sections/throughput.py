@@ -60,7 +60,9 @@ class Setup:
     def pids(self, who: str) -> dict[str, int]:
         if who == "gdriver":
             assert self.gdriver is not None
-            kids = self.gdriver.children()
+            # the worker process by its gearmand client id: the supervisor has other children
+            # (the resolver process)
+            kids = self.gearmand.admin.worker_pids(h.job_prefix(GDRIVER_FN))
             out = {"gdriver_supervisor": self.gdriver.pid}
             if kids:
                 out["gdriver_child"] = kids[0]
@@ -196,7 +198,10 @@ def run(ctx: h.Context) -> dict[str, Any]:
                 "pass": p1["gdriver"]["median"] >= 15_300,
                 "note": f"C worker {p1['c']['median']:.0f}/s, ratio "
                 f"{p1['ratio_gdriver_to_c']['median']:.2f}; pygearman "
-                f"{p1['pygearman']['median']:.0f}/s",
+                f"{p1['pygearman']['median']:.0f}/s; CPU per job: child "
+                f"{p1['cpu_us_per_job'].get('gdriver_child', float('nan')):.1f} us, C worker "
+                f"{p1['cpu_us_per_job']['c']:.1f} us, supervisor "
+                f"{p1['cpu_us_per_job'].get('gdriver_supervisor', float('nan')):.1f} us",
             },
             {
                 "figure": "  one at a time, gearmand --threads=1",

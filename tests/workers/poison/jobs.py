@@ -3,6 +3,8 @@
 import ctypes
 import os
 import signal
+import socket
+import stat
 import time
 
 from gdriver import Worker, job
@@ -22,6 +24,9 @@ def die(kind):
         os._exit(3)
     if kind == "segv":
         ctypes.string_at(0)  # reads address 0: SIGSEGV
+    if kind == "slowsegv":  # time for the supervisor to tell its process to stop first
+        time.sleep(1.5)
+        ctypes.string_at(0)
     if kind == "hang":
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # its timeout cannot fire
         time.sleep(120)
@@ -55,6 +60,22 @@ class Poison(Worker):
         if text.startswith("die:"):
             die(text[4:])
         return workload
+
+    @job(min_processes=1, max_processes=1)
+    def forge(self, job, workload):
+        """Sends each line of ``workload`` as a message on its process's channel to the
+        supervisor (the one SOCK_SEQPACKET socket), as broken worker code could."""
+        for fd in range(3, 1024):
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+            except OSError:
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.type == socket.SOCK_SEQPACKET:
+                    for line in workload.split(b"\n"):
+                        sock.send(line)
+        return b"sent"
 
     @job(min_processes=1, max_processes=1)
     def batch(self, job, workload):

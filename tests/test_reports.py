@@ -1,0 +1,94 @@
+"""What the supervisor makes of its processes' channel messages (``gdriver.reports``): a real
+supervisor object, its real slots and metrics, messages as a process (or worker code writing
+to its channel) would send them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gdriver import slots
+from gdriver.exits import Exit
+from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
+from gdriver.supervisor import Driver
+from gdriver.worker import Worker
+
+
+def _body(worker: object, job: object, workload: object) -> None:
+    return None
+
+
+def driver_with_job() -> tuple[Driver, JobState, Process]:
+    d = Driver()
+    spec = JobSpec("job", Worker(), [MethodSpec("f", "f", _body), MethodSpec("g", "g", _body)])
+    job = d.jobs["job"] = JobState(spec, 1, 1)
+    proc = Process(pid=4242, job_name="job", started=0.0, functions=tuple(spec.functions))
+    job.processes[proc.pid] = proc
+    return d, job, proc
+
+
+def series(d: Driver, name: str) -> dict[tuple[str, str, str], float]:
+    """(job_name, function, outcome) -> value of every sample called ``name``."""
+    return {
+        (s.labels["job_name"], s.labels["function"], s.labels.get("outcome", "")): s.value
+        for family in d.metrics.registry.collect()
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_reports_that_are_not_of_the_job_are_dropped_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d, job, proc = driver_with_job()
+    forged = [
+        b'D0["abcd"]',  # decoded once as JobReport("a", "b", "c", "d")
+        b'D0[["complete", 0.5, "f", 5]]',  # an error that is no text
+        b'D0[["complete", "0.5", "f", ""]]',
+        b'D0[["complete", true, "f", ""]]',
+        b'D0[["a", 0.5, "f", "x"]]',  # an outcome no job has
+        b'D0[["complete", 0.5, "c", ""]]',  # a function not of this job
+        b'D0[["complete", NaN, "f", ""], ["complete", -1, "f", ""]]',
+        b"D[]",
+        b'P["other", "H:1", ""]',
+    ]
+    with caplog.at_level(logging.WARNING, logger="gdriver"):
+        for data in forged:
+            d.reports.on_message(proc, data)  # raises nothing
+        d.reports.on_message(
+            proc, b'D0[["complete", 0.5, "f", ""], ["exception", 1, "g", "E: x\\ny"]]'
+        )
+    assert series(d, "gdriver_jobs_total") == {
+        ("job", "f", "complete"): 1.0,
+        ("job", "g", "exception"): 1.0,
+    }
+    assert series(d, "gdriver_job_duration_seconds_count") == {
+        ("job", "f", ""): 1.0,
+        ("job", "g", ""): 1.0,
+    }
+    assert series(d, "gdriver_poison_jobs_total") == {}
+    assert job.lasterror_msg == "E: x" and proc.jobs_done == 2
+    assert proc.bad_reports == len(forged) + 1  # the message of two bad reports: both
+    bad = [r for r in caplog.records if getattr(r, "event", "") == "bad_report"]
+    assert len(bad) == 1 and bad[0].pid == 4242  # type: ignore[attr-defined]
+
+
+def test_a_lost_report_message_is_read_from_the_slot_and_nothing_twice() -> None:
+    d, job, proc = driver_with_job()
+    index = d.board.claim()
+    child = slots.child_slot()  # the child's end, as after the fork
+    d.board.bind(proc.pid, index)
+    for n in range(6):  # the process finishes six jobs of f
+        child.begin(0, "f", b"H:%d" % n, b"", 0.0)
+        child.finish("complete", 0.25)
+    d.reports.on_message(proc, b'D0[["complete", 0.25, "f", ""], ["complete", 0.25, "f", ""]]')
+    # jobs 2 and 3: a message cut to MAX_MESSAGE, or dropped by send(): never arrives
+    d.reports.on_message(proc, b"D4" + b'[["complete", 0.25, "f", ""]]')
+    assert series(d, "gdriver_jobs_total") == {("job", "f", "complete"): 5.0}
+    assert proc.reported == 5
+    # it dies before sending job 5's report: read from its slot, the ones it sent are not
+    death = d.poison.exited(proc, job, Exit("crash", status=1), d.reports.on_jobs_done)
+    assert death.running is None
+    assert series(d, "gdriver_jobs_total") == {("job", "f", "complete"): 6.0}
+    assert series(d, "gdriver_job_duration_seconds_count") == {("job", "f", ""): 6.0}
