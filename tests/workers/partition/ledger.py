@@ -1,18 +1,10 @@
 """Jobs that append their workload to the ledger file when they finish."""
 
-import os
 import time
 
+from drill.jobs import record  # one O_APPEND write per line: atomic across processes
+
 from gdriver import Worker, job
-
-
-def record(path, line):
-    # one small O_APPEND write per line: atomic across processes and hosts sharing the file
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode() + b"\n")
-    finally:
-        os.close(fd)
 
 
 class Ledger(Worker):

@@ -2,9 +2,9 @@
 
 import time
 
-from gdriver import Worker, job
+from drill.jobs import record
 
-from .ledger import record
+from gdriver import Worker, job
 
 
 class Slow(Worker):
