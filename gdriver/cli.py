@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -165,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print(f"gdriver {__version__}")
         sys.exit(0)
     command = args.pop(0) if args and args[0] in SUBCOMMANDS else "run"
+    if command == "run":  # a SIGHUP before the supervisor handles it is ignored, not fatal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if command == "console":
         from gdriver.console_client import main as console_main
 

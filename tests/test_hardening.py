@@ -474,3 +474,26 @@ def test_an_observer_that_raises_does_not_stop_the_polls(fresh_gearmand, tmp_pat
             proc.kill()
             proc.wait(5)
     assert proc.returncode == 0
+
+
+def test_sighup_while_the_configuration_is_read_is_not_fatal(fresh_gearmand, tmp_path):
+    # the configuration file is a FIFO: gdriver waits in it, before any supervisor exists,
+    # while SIGHUPs arrive (logrotate racing a restart); then it starts as usual
+    fifo = tmp_path / "config.yml"
+    os.mkfifo(fifo)
+    g = Gdriver(fresh_gearmand, "--namespaces", "drill.jobs", "--configfile", str(fifo))
+    g.start(wait_console=False)
+    try:
+        with open(fifo, "w") as writer:  # returns once gdriver opened it to read
+            for _ in range(5):
+                os.kill(g.pid, signal.SIGHUP)
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert g.proc is not None and g.proc.poll() is None, g.lines[-5:]
+            writer.write("interval: 1\n")
+        wait_for(lambda: port_open(g.console_port) or g.proc.poll() is not None, 20)
+        assert g.proc.poll() is None, g.lines[-5:]
+        assert do(fresh_gearmand.address, "drill.echo", b"up").result == b"up"
+    finally:
+        rc = g.stop()
+    assert rc == 0
