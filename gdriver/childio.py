@@ -13,19 +13,24 @@ import contextlib
 import os
 import selectors
 import socket
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from gdriver import logs
-from gdriver.loop import EventLoop
+from gdriver.loop import EventLoop, Timer
 
 OUTPUT_LINE_MAX = 64 * 1024  # longer lines of a worker's output are cut into records
 CHANNEL_READS = 256  # messages read per wake-up: let other work in between
 # messages read after the exit: more than a socket buffer holds (each message takes at least a
 # few hundred bytes of it); only a descendant still writing to the channel could reach it
 CHANNEL_DRAIN = 1 << 16
-OUTPUT_READS = 64
+OUTPUT_READS = 64  # reads of a dead process's pipe: what it left, and more than a pipe holds
+OUTPUT_READ = 65536  # bytes read from one pipe per turn of the loop
+OUTPUT_LINES = 256  # records made from one pipe per turn
+OUTPUT_TURN_LINES = 1024  # records made from all pipes per turn (about 0.1 s of work)
+CONGESTED_RETRY = 0.05  # s between looks at a congested stdout
 
 
 class ChildIO:
@@ -47,6 +52,8 @@ class ChildIO:
         self.loop: EventLoop | None = None
         self.pid = 0
         self.job_name = ""
+        self.closed = False
+        self.ended: set[int] = set()  # pipes at end-of-file
         self.on_message: Callable[[bytes], None] = lambda data: None
 
     def fds(self) -> list[int]:
@@ -93,16 +100,18 @@ class ChildIO:
         os.set_blocking(self.out_r, False)
         os.set_blocking(self.err_r, False)
         loop.add(self.channel, selectors.EVENT_READ, self.on_channel_event)
-        loop.add(self.out_r, selectors.EVENT_READ, partial(self.on_output_event, self.out_r))
-        loop.add(self.err_r, selectors.EVENT_READ, partial(self.on_output_event, self.err_r))
+        pump = OutputPump.of(loop)
+        for fd in (self.out_r, self.err_r):
+            loop.add(fd, selectors.EVENT_READ, partial(pump.on_event, self, fd))
 
     def close(self) -> None:
         """The process has exited: read what it still said and wrote (all of it: its last
         reports count), then close."""
         assert self.loop is not None
+        self.closed = True
         self.read_channel(CHANNEL_DRAIN)
         for fd in (self.out_r, self.err_r):
-            self.read_output(fd, final=True)
+            self.read_rest(fd)
         self.loop.remove(self.channel)
         self.channel.close()
         for fd in (self.out_r, self.err_r):
@@ -112,9 +121,6 @@ class ChildIO:
 
     def on_channel_event(self, mask: int) -> None:
         self.read_channel()
-
-    def on_output_event(self, fd: int, mask: int) -> None:
-        self.read_output(fd)
 
     def read_channel(self, most: int = CHANNEL_READS) -> None:
         assert self.loop is not None
@@ -130,13 +136,33 @@ class ChildIO:
                 return
             self.on_message(data)
 
-    def read_output(self, fd: int, final: bool = False) -> None:
-        """A worker's stdout/stderr: each line becomes one JSON record; ``final`` (the
-        process is gone) flushes an unfinished last line."""
-        assert self.loop is not None
+    def read_output(self, fd: int, most: int = OUTPUT_LINES) -> tuple[int, bool]:
+        """A worker's stdout/stderr: each line becomes one JSON record, at most ``most`` of
+        them now; reads (one read) only once the lines read before are all written, so what
+        the process writes faster waits in its pipe. Returns the records made and whether
+        lines are left for the next turn; at end-of-file (``ended``), the unfinished last
+        line too."""
         buf = self.buffers[fd]
-        stream = "stdout" if fd == self.out_r else "stderr"
         eof = False
+        if not has_line(buf):
+            try:
+                chunk = os.read(fd, OUTPUT_READ)
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                chunk = b""
+            eof = chunk == b""
+            buf += chunk or b""
+            if eof:
+                self.ended.add(fd)
+        lines = split_lines(buf, flush=eof, most=most)
+        for line in lines:
+            self.output_record(fd, line)
+        return len(lines), has_line(buf)
+
+    def read_rest(self, fd: int) -> None:
+        """The process is gone: every line it left in the pipe, and the unfinished last one."""
+        buf = self.buffers[fd]
         for _ in range(OUTPUT_READS):
             try:
                 chunk = os.read(fd, 65536)
@@ -145,15 +171,13 @@ class ChildIO:
             except OSError:
                 chunk = b""
             if not chunk:
-                eof = True
                 break
             buf += chunk
-        for line in split_lines(buf, flush=eof or final):
-            self.output_record(stream, line)
-        if eof:
-            self.loop.remove(fd)
+        for line in split_lines(buf, flush=True):
+            self.output_record(fd, line)
 
-    def output_record(self, stream: str, line: bytes) -> None:
+    def output_record(self, fd: int, line: bytes) -> None:
+        stream = "stdout" if fd == self.out_r else "stderr"
         logs.write_record(
             {
                 "level": "INFO" if stream == "stdout" else "WARNING",
@@ -162,8 +186,64 @@ class ChildIO:
                 "pid": self.pid,
                 "job_name": self.job_name,
                 "stream": stream,
-            }
+            },
+            droppable=False,  # its pipe waits instead (OutputPump)
         )
+
+
+class OutputPump:
+    """Reads the worker processes' output pipes for one loop: a bounded amount of each per
+    turn, round robin, and none while the supervisor's stdout is congested
+    (``logs.Writer``). A pipe is watched only while nothing read from it waits: what is not
+    read stays in the pipe, so a process writing faster blocks in its writes (back-pressure;
+    no line lost, none split differently)."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
+        self.ready: deque[tuple[ChildIO, int]] = deque()  # pipes with lines or data waiting
+        self.timer: Timer | None = None
+
+    @classmethod
+    def of(cls, loop: EventLoop) -> OutputPump:
+        pump = getattr(loop, "output_pump", None)
+        if pump is None:
+            pump = cls(loop)
+            loop.output_pump = pump  # type: ignore[attr-defined]
+        return pump
+
+    def on_event(self, io: ChildIO, fd: int, mask: int) -> None:
+        self.loop.remove(fd)  # until its turn comes
+        self.ready.append((io, fd))
+        self.schedule(0.0)
+
+    def schedule(self, delay: float) -> None:
+        if self.timer is None and self.ready:
+            self.timer = self.loop.call_later(delay, self.run)
+
+    def run(self) -> None:
+        """One turn's share: at most OUTPUT_TURN_LINES records, OUTPUT_LINES per pipe."""
+        self.timer = None
+        if logs.WRITER.congested():
+            self.schedule(CONGESTED_RETRY)
+            return
+        budget = OUTPUT_TURN_LINES
+        for _ in range(len(self.ready)):
+            if budget <= 0:
+                break
+            io, fd = self.ready.popleft()
+            if io.closed:
+                continue  # its close() read the rest
+            made, left = io.read_output(fd, min(OUTPUT_LINES, budget))
+            budget -= made
+            if left:
+                self.ready.append((io, fd))
+            elif fd not in io.ended:
+                self.watch(io, fd)
+        self.schedule(0.0)
+
+    def watch(self, io: ChildIO, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.loop.add(fd, selectors.EVENT_READ, partial(self.on_event, io, fd))
 
 
 class Children(dict[int, ChildIO]):
@@ -221,11 +301,17 @@ class Children(dict[int, ChildIO]):
                     break
 
 
-def split_lines(buf: bytearray, flush: bool) -> list[bytes]:
-    """Take the complete lines out of ``buf`` (without their LF); a line longer than
-    OUTPUT_LINE_MAX comes out in pieces of that size; ``flush`` takes the rest too."""
-    lines = []
-    while True:
+def has_line(buf: bytearray) -> bool:
+    """A record is waiting in ``buf`` (see :func:`split_lines`)."""
+    return len(buf) >= OUTPUT_LINE_MAX or b"\n" in buf
+
+
+def split_lines(buf: bytearray, flush: bool, most: int | None = None) -> list[bytes]:
+    """Take the complete lines out of ``buf`` (without their LF), at most ``most``; a line
+    longer than OUTPUT_LINE_MAX comes out in pieces of that size; ``flush`` takes the rest
+    too."""
+    lines: list[bytes] = []
+    while most is None or len(lines) < most:
         nl = buf.find(b"\n")
         if nl < 0:
             if len(buf) >= OUTPUT_LINE_MAX or (flush and buf):
@@ -236,3 +322,4 @@ def split_lines(buf: bytearray, flush: bool) -> list[bytes]:
             return lines
         lines.append(bytes(buf[:nl]))
         del buf[: nl + 1]
+    return lines

@@ -53,6 +53,7 @@ Behaviour of gearmand 1.1.20 this module relies on (checked by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -387,7 +388,7 @@ class _Conn:
         "addr_idx", "addrs", "backoff", "broken", "confirmed", "connect_deadline", "deadline",
         "events", "fd", "gen", "grab", "grabbing", "inbuf", "label", "last_rx", "legacy",
         "need", "next_attempt", "noted_legacy", "out", "pending", "poller", "retry_at",
-        "server", "skip", "skip_head", "skip_size", "sleeping", "sock", "state",
+        "server", "skip", "skip_head", "skip_size", "sleeping", "sock", "state", "tampered",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -424,6 +425,7 @@ class _Conn:
         self.deadline = 0.0
         self.last_rx = 0.0
         self.broken: str | None = None
+        self.tampered = False  # the descriptor was closed or replaced under us (by job code)
 
     def attach(self, sock: socket.socket, poller: _Poller, events: int) -> None:
         self.sock = sock
@@ -452,6 +454,7 @@ class _Conn:
             sent = 0
         except OSError as exc:
             self.broken = error_text(exc)
+            self.tampered = exc.errno in (errno.EBADF, errno.ENOTSOCK)
             return
         if sent < len(data):
             self.out += memoryview(data)[sent:]
@@ -540,6 +543,10 @@ class GearmanWorker:
         #: Called with (function, handle, message) for a job failed without running it
         #: (its packet is over ``max_packet_size``), after the failure was sent.
         self.on_rejected: Callable[[str, str, str], None] | None = None
+        #: Called after each job's handler with False when its answer (WORK_COMPLETE or
+        #: WORK_FAIL) could not be handed to the connection's socket because the job closed
+        #: or replaced the descriptor (gearmand then hands the job out again), else True.
+        self.on_answered: Callable[[bool], None] | None = None
         #: Jobs finished with WORK_COMPLETE / with WORK_FAIL.
         self.jobs_completed = 0
         self.jobs_failed = 0
@@ -694,6 +701,25 @@ class GearmanWorker:
                 self._read(obj, now)
             else:
                 self._on_event(obj, ev, now)
+
+    def forget(self) -> None:
+        """In a process forked from this one (job code called ``os.fork``): close this
+        process's copies of the connections and of the poller, sending nothing and leaving
+        the parent's epoll set as it is; the connections count as broken from now on."""
+        for c in self._conns:
+            if c.sock is not None:
+                try:
+                    c.sock.close()
+                except OSError:
+                    pass
+            c.sock, c.poller, c.fd, c.out = None, None, -1, bytearray()
+            c.broken = "closed in a forked process"
+        if self._poller is not None:
+            self._poller.objects.clear()
+            try:
+                self._poller._impl.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Close every connection (work() does this itself when it returns)."""
@@ -1117,9 +1143,13 @@ class GearmanWorker:
             finally:
                 job._conn = None
                 job._gen = _FINISHED
-        if c.broken is not None:
-            return
-        self._answer(c, packet)
+        if c.broken is None:
+            self._answer(c, packet)
+        if entry is not None and self.on_answered is not None:
+            # no syscall of its own: whether the write above took the answer; a connection
+            # gearmand broke is reconnected as ever (gearmand re-queues the job), a descriptor
+            # the job closed or replaced leaves nothing in this process to trust
+            self.on_answered(c.broken is None or not c.tampered)
 
     def _answer(self, c: _Conn, packet: bytes) -> None:
         """Send a job's result together with the next grab (unless stopping), in one write."""

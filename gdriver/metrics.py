@@ -70,6 +70,11 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.log_records_dropped = Counter(
+            "gdriver_log_records_dropped",
+            "Log records dropped while stdout's reader stalled (the queue past its hard cap).",
+            registry=r,
+        )
         self.build_info = Gauge("gdriver_build_info", "gdriver version.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self.function_info = Gauge(

@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, NoReturn
 
 from gdriver import channel as messages
@@ -100,6 +101,10 @@ class Child:
         self.timing = False  # the job's timeout alarm is armed
         self.idle_since: float | None = None  # monotonic; set while idle but still reported busy
         self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
+        # the report of the job whose answer is being handed to gearmand, and when it ended
+        self.pending: tuple[str, float, str, str] | None = None
+        self.pending_end = 0.0
+        self.forked = False  # a copy made by os.fork in job code (``forked_in_job``)
         self.slot = slots.child_slot()  # the running job and finished ones, for the supervisor
         self.end_hook = _overridden(spec.worker, "end")  # None: Worker's own, which does nothing
         self.last_flush = time.perf_counter()  # the clock jobs are timed with
@@ -267,26 +272,53 @@ class Child:
             _guarded(self.end_hook, job, workload, error)
         self.jobs_done += 1
         end = time.perf_counter()
-        seconds = end - start
-        self.slot.finish(outcome, seconds)  # a death before the flush loses no report
+        # recorded once its answer went out (``answered``)
+        self.pending = (outcome, end - start, function, message[:MAX_ERROR] if message else "")
+        self.pending_end = end
+        return message
+
+    def answered(self, sent: bool) -> None:
+        """The job's answer was handed to gearmand's socket (``sent``; also when gearmand had
+        broken the connection: it re-queues the job, the worker reconnects), or could not be
+        because the job closed or replaced the process's descriptors: only now is the job
+        done, in the slot (a death before the flush loses no report) and in its report.
+        Unsent, the process ends with the job still running in its slot: its death counts
+        against the job, which gearmand hands out again (nothing else it holds is trusted)."""
+        report = self.pending
+        if report is None:
+            return
+        self.pending = None
+        if not sent:
+            self.lost(report[2])
+        outcome = report[0]
+        self.slot.finish(outcome, report[1])
         finished = self.finished
-        finished.append((outcome, seconds, function, message[:MAX_ERROR] if message else ""))
+        finished.append(report)
         if (
-            error is not None  # errors show in the console at once
+            outcome != "complete"  # errors show in the console at once
             or len(finished) >= FLUSH_JOBS
-            or end - self.last_flush > FLUSH_AFTER
+            or self.pending_end - self.last_flush > FLUSH_AFTER
         ):
             self.flush()
-        return message
+
+    def lost(self, function: str) -> NoReturn:
+        """The answer of a job of ``function`` never reached gearmand's socket: end here."""
+        if self.forked:  # a copy forked by the job returned from it: its parent answered
+            os._exit(0)
+        log.error(
+            "job %s: its answer could not be sent to gearmand (the job closed or replaced the "
+            "process's descriptors); the process ends and gearmand hands the job out again",
+            function, extra={"function": function},
+        )  # fmt: skip
+        self.flush()
+        os._exit(EXIT_WORKER_FAILED)
 
     def refuse(self, job: Job, function: str, why: str, start: float) -> NoReturn:
         """Fail a poison job without running it (``gdriver.poison``): the supervisor logs it."""
         self.send(messages.encode_poisoned(function, job.handle, job.unique))
         self.jobs_done += 1
-        seconds = time.perf_counter() - start
-        self.slot.finish("fail", seconds)
-        self.finished.append(("fail", seconds, function, why[:MAX_ERROR]))
-        self.flush()
+        self.pending_end = end = time.perf_counter()
+        self.pending = ("fail", end - start, function, why[:MAX_ERROR])
         raise JobFailed(why.encode("utf-8", "replace"))
 
     def rejected(self, function: str, handle: str, message: str) -> None:
@@ -322,10 +354,52 @@ class Child:
         return outcome, message
 
 
+def forked_in_job(child: Child, worker: GearmanWorker, wake_fd: int, parent: int) -> None:
+    """In a process forked by job code (``os.fork``, multiprocessing): close its copies of
+    the worker process's gearmand connections, channel and wake-up pipe, sending nothing
+    (gearmand must see the worker's connections close when the worker dies, or it keeps the
+    worker's job running and never hands it out again), and end when the worker dies
+    (PR_SET_PDEATHSIG). Its log records go to its stderr. A fork of that process (the
+    second fork of a daemon, after ``setsid``) is left alone: it outlives the worker."""
+    if child.forked:
+        return  # a fork of a fork: its parent did this already
+    child.forked = True
+    _set_pdeathsig()
+    if os.getppid() != parent:  # the worker died before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+    child.stop_requested = True  # a copy that returns from the job serves no more
+    child.slot.detach()
+    worker.forget()
+    with contextlib.suppress(OSError, ValueError):  # ValueError: forked from another thread
+        write_end = signal.set_wakeup_fd(-1)
+        if write_end >= 0:
+            os.close(write_end)
+    with contextlib.suppress(OSError):
+        os.close(wake_fd)
+    with contextlib.suppress(OSError):
+        child.channel.close()
+    child.channel = _StderrChannel()  # type: ignore[assignment]
+
+
+class _StderrChannel:
+    """What a forked process has in place of its worker's channel: log records go to its
+    stderr (the supervisor logs them as the worker's output while the worker lives), any
+    other message nowhere."""
+
+    def send(self, data: bytes) -> int:
+        if data.startswith(messages.LOG):
+            with contextlib.suppress(OSError):
+                os.write(2, data[len(messages.LOG) :] + b"\n")
+        return len(data)
+
+    def fileno(self) -> int:
+        return -1
+
+
 def _overridden(worker: Any, name: str) -> Callable[..., Any] | None:
     """The worker's hook ``name``; None when it is :class:`Worker`'s, which does nothing."""
-    hook: Callable[..., Any] = getattr(worker, name)
-    if getattr(hook, "__func__", None) is getattr(Worker, name):
+    hook: Callable[..., Any] | None = getattr(worker, name, None)
+    if hook is None or getattr(hook, "__func__", None) is getattr(Worker, name):
         return None
     return hook
 
@@ -391,6 +465,7 @@ def warm_up() -> None:
             [listener.getsockname()[:2]], {"warm_up": child.handler(spec.methods[0])}
         )
         worker.stop_grace = 1.0
+        worker.on_answered = child.answered
         quiet = logging.getLogger("gdriver.gearman")
         quiet.disabled = True  # its connection notices are not news
         try:
@@ -495,6 +570,8 @@ def _serve(
     worker = GearmanWorker(servers, functions, client_id=client_id, protocol=protocol)
     worker.poll_interval = 5.0  # signals and the channel wake it; idle children stay asleep
     worker.on_rejected = child.rejected
+    worker.on_answered = child.answered
+    os.register_at_fork(after_in_child=partial(forked_in_job, child, worker, wake_fd, os.getpid()))
 
     def on_registered(n: int) -> None:
         child.send(messages.encode_registered(n))

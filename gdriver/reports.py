@@ -90,7 +90,6 @@ class Reports:
                 continue  # no series of a name its job does not have, no broken histogram
             proc.jobs_done += 1
             job.lastrun = now
-            job.failures = 0
             if outcome != "complete":
                 job.lasterror = now
                 job.lasterror_msg = message.splitlines()[0] if message else outcome

@@ -124,12 +124,19 @@ class Slot:
         )
 
     def finish(self, outcome: str, seconds: float) -> None:
-        """The job begun last finished; its report is queued."""
+        """The job begun last finished and its answer went to gearmand; its report is
+        queued. Until then the job counts as running: a death before it counts against it."""
         buffer, at, done = self.buffer, self.at, self.done
         _pack_done(buffer, at + _RING_AT + (done % RING) * _DONE_SIZE,
                    seconds, self.method, OUTCOME_CODE.get(outcome, 1))  # fmt: skip
         self.done = done = done + 1
         _pack_count(buffer, at + 8, done)
+
+    def detach(self) -> None:
+        """In a process forked from the slot's process (job code called ``os.fork``): write
+        a private record from now on, never the parent's."""
+        self.buffer, self.at = bytearray(_SLOTS_AT + RECORD), _SLOTS_AT
+        self.seen, self.keys = -1, {}
 
     def read_table(self) -> None:
         for _ in range(100):  # the supervisor writes it seldom: a torn read is retried

@@ -27,6 +27,7 @@ from gdriver import config, exits, loader, observer, process, reload, resolver, 
 from gdriver.attributes import PROCESS_LIMIT
 from gdriver.childio import Children
 from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
+from gdriver.logs import WRITER as LOG_WRITER
 from gdriver.logs import log_event
 from gdriver.loop import EventLoop, TcpServer
 from gdriver.metrics import Metrics
@@ -211,6 +212,7 @@ class Driver:
     def setup(self) -> None:
         """Listen (``resources.StartError`` when a port is taken: nothing else started yet),
         raise the descriptor limit, install the signal handlers, start the resolver."""
+        LOG_WRITER.attach(self.loop, self.metrics.log_records_dropped.inc)  # never blocks it
         self.listen()
         self.check_resources()
         self._wake_r, self._wake_w = os.pipe()
@@ -275,6 +277,7 @@ class Driver:
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        LOG_WRITER.detach()  # what is queued is written at exit, with a bounded wait
         self.loop.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):

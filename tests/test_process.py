@@ -35,6 +35,7 @@ def run_one(pair: tuple[socket.socket, socket.socket], body: Any) -> channel.Job
     job = Job(b"w", "t.f", "H:1", "")
     with pytest.raises(JobFailed):
         handle(job)
+    child.answered(True)  # (the worker sent the failure to gearmand)
     child.report_idle()
     messages = [channel.decode(theirs.recv(65536)) for _ in range(3)]
     assert isinstance(messages[0], channel.Busy) and isinstance(messages[2], channel.Idle)
@@ -71,6 +72,7 @@ def test_a_base_exception_fails_the_job_not_the_process(pair: Any, error: BaseEx
     child = Child(spec, ours, 0, 0.0)
     with pytest.raises(JobFailed) as failed:
         child.handler(spec.methods[0])(Job(b"w", "t.f", "H:1", ""))
+    child.answered(True)  # (the worker sent the failure to gearmand)
     child.report_idle()
     reports = [channel.decode(theirs.recv(65536)) for _ in range(3)][1]
     assert isinstance(reports, channel.Done) and reports.reports[0].outcome == "exception"
