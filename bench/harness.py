@@ -308,7 +308,8 @@ class Gdriver:
             raise RuntimeError("gdriver exited:\n" + "\n".join(tail))
 
     def children(self) -> list[int]:
-        return children_of(self.pid)
+        """The worker processes: the supervisor's children but its resolver process."""
+        return [pid for pid in children_of(self.pid) if not is_resolver(pid)]
 
     def wait_registered(self, prefix: str, n: int, timeout: float = 30.0) -> float:
         """Wait until gearmand lists n worker connections of the job; return the wall time."""
@@ -345,6 +346,15 @@ def proc_stat(pid: int) -> list[str] | None:
             return f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
+
+
+def is_resolver(pid: int) -> bool:
+    """The supervisor's name-resolver process (its title ends with ``[resolver]``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").endswith(b"[resolver]")
+    except OSError:
+        return False
 
 
 def children_of(ppid: int) -> list[int]:

@@ -271,3 +271,42 @@ def check_keys(setting: str, values: Mapping[str, Any], known: list[str]) -> Non
     for key in sorted(set(values) - set(known)):
         what = "class" if setting == "worker_options" else "job"
         raise LoadError(f"{setting}: {key!r} names no loaded {what}{nearest(key, known)}")
+
+
+def manual_spec(
+    name: str,
+    worker: Worker,
+    methods: Iterable[Mapping[str, Any]],
+    min_processes: int | None,
+    max_processes: int | None,
+    limits: Mapping[str, Any],
+) -> JobSpec:
+    """The spec of a job registered by hand (``Driver.add_job``), checked like ``@job``
+    (ValueError, TypeError). ``methods``: dicts with ``name``, ``body`` (called as
+    ``body(worker, job, workload)``; a bound method as ``body(job, workload)``), and optional
+    ``encode``/``decode``. Names get the worker's prefix."""
+    if not isinstance(worker, Worker):
+        raise TypeError("worker must be an instance of gdriver.Worker")
+    prefix = name_prefix(worker)
+    specs = []
+    for m in methods:
+        body = m["body"]
+        if inspect.ismethod(body):
+            bound = body
+            body = lambda _w, job, workload, _b=bound: _b(job, workload)  # noqa: E731
+        try:
+            encode = coder_name(worker, m.get("encode"), "encode", "encode", m["name"])
+            decode = coder_name(worker, m.get("decode"), "decode", "decode", m["name"])
+        except LoadError as exc:
+            raise ValueError(str(exc)) from None
+        specs.append(MethodSpec(prefix + m["name"], m["name"], body, encode, decode))
+    if not specs:
+        raise ValueError(f"job {prefix + name}: no methods")
+    spec = JobSpec(name=prefix + name, worker=worker, methods=specs,
+                   key=f"{class_key(type(worker))}.{name}")  # fmt: skip
+    given = {"min_processes": min_processes, "max_processes": max_processes, **limits}
+    try:
+        apply_attributes(spec, given)  # the per-job attribute schema
+    except LoadError as exc:
+        raise ValueError(str(exc)) from None
+    return spec

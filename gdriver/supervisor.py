@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import logging
 import os
 import random
@@ -26,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from gdriver import config, exits, loader, observer, process, reload, resolver, resources, spawn
 from gdriver.attributes import PROCESS_LIMIT
 from gdriver.childio import Children
-from gdriver.jobs import JobSpec, JobState, MethodSpec, Process
+from gdriver.jobs import JobSpec, JobState, Process
 from gdriver.logs import WRITER as LOG_WRITER
 from gdriver.logs import log_event
 from gdriver.loop import EventLoop, TcpServer
@@ -38,7 +37,7 @@ from gdriver.resolver import Resolver
 from gdriver.slots import Board
 from gdriver.systemd import Notifier
 from gdriver.waker import Waker
-from gdriver.worker import Worker, name_prefix
+from gdriver.worker import Worker
 
 log = logging.getLogger("gdriver")
 
@@ -104,30 +103,7 @@ class Driver:
         """Register a job by hand. ``methods``: dicts with ``name``, ``body`` (called as
         ``body(worker, job, workload)``; a bound method as ``body(job, workload)``), and
         optional ``encode``/``decode``. Names get the worker's prefix."""
-        if not isinstance(worker, Worker):
-            raise TypeError("worker must be an instance of gdriver.Worker")
-        prefix = name_prefix(worker)
-        specs = []
-        for m in methods:
-            body = m["body"]
-            if inspect.ismethod(body):
-                bound = body
-                body = lambda _w, job, workload, _b=bound: _b(job, workload)  # noqa: E731
-            try:
-                encode = loader.coder_name(worker, m.get("encode"), "encode", "encode", m["name"])
-                decode = loader.coder_name(worker, m.get("decode"), "decode", "decode", m["name"])
-            except loader.LoadError as exc:
-                raise ValueError(str(exc)) from None
-            specs.append(MethodSpec(prefix + m["name"], m["name"], body, encode, decode))
-        if not specs:
-            raise ValueError(f"job {prefix + name}: no methods")
-        spec = JobSpec(name=prefix + name, worker=worker, methods=specs,
-                       key=f"{loader.class_key(type(worker))}.{name}")  # fmt: skip
-        given = {"min_processes": min_processes, "max_processes": max_processes, **limits}
-        try:
-            loader.apply_attributes(spec, given)  # the per-job attribute schema
-        except loader.LoadError as exc:
-            raise ValueError(str(exc)) from None
+        spec = loader.manual_spec(name, worker, methods, min_processes, max_processes, limits)
         low, high = spec.min_processes, spec.max_processes
         loader.check_unique([*(j.spec for j in self.jobs.values()), spec])
         self.manual_specs.append(spec)

@@ -46,7 +46,9 @@ class Compat(Worker):
     def touch(self, job, workload):
         # background jobs leave a file behind: the workload names it
         path = Path(workload.decode())
-        path.write_bytes(b"ran " + job.unique.encode())
+        part = path.with_name(path.name + ".part")  # renamed whole: a reader never sees it half
+        part.write_bytes(b"ran " + job.unique.encode())
+        part.rename(path)
         return None
 
     @job(min_processes=0, max_processes=3)
