@@ -7,16 +7,9 @@ import socket
 import stat
 import time
 
+from drill.jobs import record  # one O_APPEND write per line
+
 from gdriver import Worker, job
-
-
-def record(path, line):
-    # one small O_APPEND write per line: atomic across processes
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode() + b"\n")
-    finally:
-        os.close(fd)
 
 
 def die(kind):
