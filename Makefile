@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 # gearmand and its C client/worker (Debian: gearman-job-server, gearman-tools); the other
 # servers and clients of the compatibility matrix (Perl Gearman::Server and Gearman::Client,
-# PHP's gearman extension) and telnet for the console tests
+# PHP's gearman extension), telnet for the console tests, iproute2 for the network-namespace
+# drills (util-linux's unshare and prlimit are part of every Debian)
 SYSTEM_PACKAGES := gearman-job-server gearman-tools gearman-server libgearman-client-perl \
-	php-cli php-gearman telnet
+	php-cli php-gearman telnet iproute2
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
