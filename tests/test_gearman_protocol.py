@@ -13,13 +13,24 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from compat_support import Geard, PerlGearmand
-from support import HOST, Gearmand, do, free_port, submit_background, wait_for
+from support import (
+    HOST,
+    Gdriver,
+    Gearmand,
+    do,
+    free_port,
+    http_status,
+    submit_background,
+    wait_for,
+)
 
 from gdriver.codec import RES, pack
 from gdriver.codec import PacketType as P
@@ -695,6 +706,35 @@ def test_refused_grabs_are_reported_and_retried_without_reconnecting(
             assert rw.refusals == [1] and rw.registrations == [1]
         assert len(logged(caplog, "refuses grabs")) == 1
     finally:
+        refusing.stop()
+
+
+def test_a_gdriver_whose_only_gearmand_refuses_grabs_is_alive_but_not_ready() -> None:
+    refusing = RefusingServer()
+    g = Gdriver(f"{HOST}:{refusing.port}", "--namespaces", "live.basic", metrics=True)
+    try:
+        g.start()
+        job = "basic.echo"
+
+        def readyz() -> tuple[int, str]:
+            url = f"http://{HOST}:{g.metrics_port}/readyz"
+            try:
+                with urllib.request.urlopen(url, timeout=3) as r:
+                    return int(r.status), r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return int(exc.code), exc.read().decode()
+
+        wait_for(lambda: len(refusing.grabs) >= 2, timeout=20)
+        deadline = time.monotonic() + 3  # it stays so: no grab is ever answered
+        while time.monotonic() < deadline:
+            status, body = readyz()
+            # no grab answered means no registration: that reason is given before refused grabs
+            assert status == 503 and job in body, body
+            assert http_status(g.metrics_port, "/healthz") == 200
+            time.sleep(0.2)
+        assert refusing.connections >= 1
+    finally:
+        g.stop()
         refusing.stop()
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 from typing import Any
 
 import pytest
+import yaml
 from live_helpers import FAST, call, show_pids, wait_registered
-from support import Gearmand, running
+from support import Gdriver, Gearmand, running
 
 from gdriver import Worker, job
 from gdriver.jobs import JobSpec
@@ -588,3 +590,23 @@ def test_a_reload_that_drops_a_console_override_says_so(gearmand: Gearmand) -> N
         g.wait_log(lambda r: r.get("event") == "reloaded")
         assert g.console(f"show {ping}")[0].startswith(f"{ping}  0  1  ")
         assert len([r for r in g.records() if r.get("event") == "override_dropped"]) == 1
+
+
+def test_worker_options_merge_key_by_key_across_files_and_environment(gearmand: Gearmand) -> None:
+    cls = "live.options.Options"
+    g = Gdriver(
+        gearmand,
+        *FAST,
+        "--namespaces",
+        "live.options",
+        env={"GDRIVER_WORKER_OPTIONS": json.dumps({cls: {"secret": "s"}})},
+    )
+    (g.tmp / "a.yml").write_text(
+        yaml.safe_dump({"worker_options": {"GLOBAL": {"a": 1}, cls: {"max_size": 10}}})
+    )
+    (g.tmp / "b.yml").write_text(yaml.safe_dump({"worker_options": {cls: {"quality": 5}}}))
+    g.args += ["--configfile", str(g.tmp / "a.yml"), "--configfile", str(g.tmp / "b.yml")]
+    with g:
+        wait_registered(gearmand, "live.options.Options.options_seen")
+        seen = json.loads(call(gearmand, "live.options.Options.options_seen"))
+    assert seen == {"a": 1, "max_size": 10, "quality": 5, "secret": "s"}
