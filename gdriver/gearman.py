@@ -300,14 +300,20 @@ class Job:
 Handler = Callable[[Job], bytes]
 
 
-def _coerce_result(result: Any) -> bytes:
+def coerce_result(result: Any, error: type[TypeError] = TypeError, what: str = "handler") -> bytes:
+    """A result as bytes: bytes as is, str as UTF-8, None as empty; else ``error``."""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, str):
+        return result.encode("utf-8")
     if result is None:
         return b""
-    if isinstance(result, str):
-        return result.encode()
-    if isinstance(result, bytes | bytearray | memoryview):
+    if isinstance(result, bytearray | memoryview):
         return bytes(result)
-    raise TypeError(f"handler returned {type(result).__name__}, expected bytes")
+    raise error(
+        f"{what} returned {type(result).__name__}; return bytes, str or None, "
+        "or set encode= to turn it into bytes"
+    )
 
 
 def _failure_packet(
@@ -387,7 +393,7 @@ class _Conn:
     __slots__ = (
         "addr_idx", "addrs", "backoff", "broken", "confirmed", "connect_deadline", "deadline",
         "events", "fd", "gen", "grab", "grabbing", "inbuf", "label", "last_rx", "legacy",
-        "need", "next_attempt", "noted_legacy", "out", "pending", "poller", "retry_at",
+        "need", "next_attempt", "noted_legacy", "out", "poller", "retry_at",
         "server", "skip", "skip_head", "skip_size", "sleeping", "sock", "state", "tampered",
     )  # fmt: skip
 
@@ -421,7 +427,6 @@ class _Conn:
         self.skip_head = bytearray()
         self.grabbing = False
         self.sleeping = False
-        self.pending = 0
         self.deadline = 0.0
         self.last_rx = 0.0
         self.broken: str | None = None
@@ -735,7 +740,7 @@ class GearmanWorker:
         for c in self._conns:
             state = c.state
             if state == _UP:
-                if c.pending:
+                if c.grabbing:
                     timeout = min(timeout, c.deadline - now)
                 elif (c.sleeping or c.retry_at) and not stopping:
                     # a grab checks a silent connection: every server answers one
@@ -768,7 +773,7 @@ class GearmanWorker:
         # arrived while a handler ran is reported by the poll() that follows it.
         for c in self._conns:
             if c.state == _UP:
-                if c.pending and now >= c.deadline and not _is_ready(c.fd, events):
+                if c.grabbing and now >= c.deadline and not _is_ready(c.fd, events):
                     self._drop(c, "timeout waiting for reply")
             elif (
                 c.state == _CONNECTING and now >= c.connect_deadline and not _is_ready(c.fd, events)
@@ -825,7 +830,6 @@ class GearmanWorker:
         data = self._hello
         if not self._stopping and not self._stop_now():
             c.grabbing = True  # the grab's answer confirms the registration
-            c.pending += 1
             c.deadline = now + self.reply_timeout
             data += c.grab
         c.write(data)
@@ -834,7 +838,6 @@ class GearmanWorker:
 
     def _send_grab(self, c: _Conn, now: float) -> None:
         c.grabbing = True
-        c.pending += 1
         c.deadline = now + self.reply_timeout
         c.write(c.grab)
 
@@ -998,7 +1001,6 @@ class GearmanWorker:
             extra={"function": function},
         )  # fmt: skip
         c.grabbing = False
-        c.pending -= 1
         if not c.confirmed:
             self._confirm(c)
         self.jobs_failed += 1
@@ -1018,7 +1020,6 @@ class GearmanWorker:
             self._drop(c, "malformed JOB_ASSIGN from server")
             return
         c.grabbing = False
-        c.pending -= 1
         if not c.confirmed:
             self._confirm(c)
         self._run_job(c, parts)
@@ -1028,7 +1029,6 @@ class GearmanWorker:
             self._drop(c, "unexpected NO_JOB from server")
             return
         c.grabbing = False
-        c.pending -= 1
         if not c.confirmed:
             self._confirm(c)
         if not self._stopping:
@@ -1087,7 +1087,6 @@ class GearmanWorker:
             return
         # no grab works: nothing can be served from this server; try again later
         c.grabbing = False
-        c.pending -= 1
         c.grab = _GRAB
         c.legacy = False
         c.retry_at = now + self.ping_interval
@@ -1131,7 +1130,7 @@ class GearmanWorker:
             try:
                 result = handler(job)
                 if type(result) is not bytes:
-                    result = _coerce_result(result)
+                    result = coerce_result(result)
                 size = len(handle) + 1 + len(result)
                 packet = b"".join((pack_header(REQ, WORK_COMPLETE, size), handle, b"\0", result))
                 self.jobs_completed += 1
@@ -1156,7 +1155,6 @@ class GearmanWorker:
         if not self._stopping and not self._stop_now():
             packet += c.grab
             c.grabbing = True
-            c.pending += 1
             c.deadline = time.monotonic() + self.reply_timeout
         c.write(packet)
 

@@ -50,7 +50,6 @@ class Record:
     since: float = 0.0  # perf_counter time of the last death
     last: str = ""  # how the last process died: "signal SIGSEGV", "exit status 3"
     poisoned: bool = False
-    failed: int = 0  # times a process failed it as poison
 
 
 def describe(ended: Exit) -> str:
@@ -166,11 +165,9 @@ class PoisonBook:
         key = job_key(function, *(s.encode("utf-8", "surrogateescape") for s in (handle, unique)))
         record = self.records.get(key)
         deaths, last = (record.deaths, record.last) if record is not None else (0, "")
-        if record is not None:
-            record.failed += 1
-            if not record.unique:
-                del self.records[key]
-                self.publish()
+        if record is not None and not record.unique:
+            del self.records[key]
+            self.publish()
         self.metrics.poison_jobs.labels(job_name, function).inc()
         message = (
             f"poison job {function} {handle} failed without running it: {deaths} worker "

@@ -51,7 +51,6 @@ class Watch:
     answer for every name already asked (gearmand lists the same names every round)."""
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self.patterns = tuple(patterns)
         self.prefixes = tuple(p for p in patterns if GLOB_CHARS.isdisjoint(p))
         globs = [fnmatch.translate(p) for p in patterns if not GLOB_CHARS.isdisjoint(p)]
         self.regex = re.compile("|".join(globs)) if globs else None

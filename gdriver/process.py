@@ -34,7 +34,7 @@ from gdriver import logs, resolver, slots
 from gdriver.codec import RES, pack
 from gdriver.codec import PacketType as P
 from gdriver.exits import EXIT_WORKER_FAILED
-from gdriver.gearman import GearmanWorker, Job, JobFailed, Protocol, Server
+from gdriver.gearman import GearmanWorker, Job, JobFailed, Protocol, Server, coerce_result
 from gdriver.jobs import JobSpec, MethodSpec
 from gdriver.worker import Worker
 
@@ -60,18 +60,7 @@ class ResultTypeError(TypeError):
 
 def to_bytes(result: Any, function: str) -> bytes:
     """Job results: bytes as is, str as UTF-8, None as empty; anything else is an error."""
-    if isinstance(result, bytes):
-        return result
-    if isinstance(result, str):
-        return result.encode("utf-8")
-    if result is None:
-        return b""
-    if isinstance(result, bytearray | memoryview):
-        return bytes(result)
-    raise ResultTypeError(
-        f"job {function} returned {type(result).__name__}; return bytes, str or None, "
-        "or set encode= to turn it into bytes"
-    )
+    return coerce_result(result, ResultTypeError, f"job {function}")
 
 
 def error_text(exc: BaseException) -> str:
@@ -415,13 +404,18 @@ _prctl: Any = None
 
 
 def _set_pdeathsig() -> None:
-    global _prctl
     try:
-        if _prctl is None:
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _load_prctl()(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _load_prctl() -> Any:
+    """libc's prctl, looked up once (in the supervisor's warm-up: shared with the children)."""
+    global _prctl
+    if _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
 
 
 def warm_up() -> None:
@@ -430,7 +424,6 @@ def warm_up() -> None:
     Python specialises bytecode and fills caches the first times code runs, and imports and
     CDLL lookups allocate; done once here, those pages stay shared with the children instead
     of being copied into each of them (about 1.5 MiB per process)."""
-    global _prctl
     try:
         import setproctitle
 
@@ -438,7 +431,7 @@ def warm_up() -> None:
     except Exception:
         pass
     try:
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        _load_prctl()
     except (OSError, AttributeError):
         pass
     spec = JobSpec("warm_up", Worker(), [MethodSpec("warm_up", "warm_up", _echo)])

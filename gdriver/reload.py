@@ -80,7 +80,6 @@ def handle_hup(driver: Driver) -> None:
         driver.notifier.notify_ready()
         return
     apply_reload(driver, new, specs)
-    driver.notifier.ready = False
     driver.ready = False
 
 

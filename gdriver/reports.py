@@ -49,7 +49,7 @@ class Reports:
                     not d.stopping
                     and d.settings.interval > 0
                     and len(job.processes) < job.max_processes
-                    and all(p.busy for p in job.live())
+                    and all(p.busy for p in job.processes.values() if not p.retiring)
                 ):
                     d.poller.request()
             case channel.Done(first, reports):

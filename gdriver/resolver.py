@@ -468,10 +468,6 @@ def install(resolver: Resolver | None) -> None:
     codec.name_lookup = resolver.lookup if resolver is not None else None
 
 
-def active() -> Resolver | None:
-    return _active
-
-
 def suspect(host: str, port: int) -> None:
     """A connect to host:port failed: the installed resolver looks the name up again soon."""
     if _active is not None and numeric(host, port) is None:

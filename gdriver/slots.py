@@ -176,7 +176,6 @@ class Board:
         self.free = list(range(slots - 1, -1, -1))
         self.by_pid: dict[int, int] = {}
         self.version = 0
-        self.entries: list[tuple[int, float, int, str]] = []
 
     def claim(self) -> int:
         """A free slot, cleared, for the process about to be forked (-1: none free); the
@@ -264,7 +263,6 @@ class Board:
         why), at most TABLE of them, the last ones kept; every process reads them before its
         next job."""
         entries = entries[-TABLE:]
-        self.entries = entries
         self.version += 1
         buffer = self.buffer
         _COUNT.pack_into(buffer, 0, self.version)  # a reader sees it change under its read

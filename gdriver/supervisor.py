@@ -306,6 +306,7 @@ class Driver:
             self.removed_jobs.discard(job.name)
             del self.jobs[job.name]
             self.metrics.forget_job(job.name)
+            self.spawn_failures.forget(job.name)
 
     # -- processes -----------------------------------------------------------------------------
     def child_fds(self) -> list[int]:
@@ -592,7 +593,7 @@ class Driver:
     def housekeeping(self) -> None:
         now = time.monotonic()
         self.notifier.watchdog(now)
-        if now - self._last_housekeeping < 0.1 and not self.stopping:
+        if now - self._last_housekeeping < 0.1:
             return
         self._last_housekeeping = now
         if self.stopping and now >= self.stop_deadline and self.procs:
@@ -687,12 +688,12 @@ class Driver:
     def is_ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "stopping"
+        refused = sorted({p.job_name for p in self.procs.values() if p.grabs_refused})
+        if refused:  # a job queued there would never be served; the cause of what follows
+            return False, f"gearmand refuses grabs of: {', '.join(refused)}"
         missing = [j.name for j in self.get_jobs() if j.registered_count < j.min_processes]
         if missing:
             return False, f"jobs without their min processes registered: {', '.join(missing)}"
-        refused = sorted({p.job_name for p in self.procs.values() if p.grabs_refused})
-        if refused:  # a job queued there would never be served
-            return False, f"gearmand refuses grabs of: {', '.join(refused)}"
         if not self.poller.any_up() and not any(p.registered for p in self.procs.values()):
             return False, "no gearmand answers"
         return True, "ok"
