@@ -8,12 +8,14 @@ packet, never its stdout.  The first byte of a message is its tag.  Child -> sup
 - ``G<n>``: n gearmand servers refuse every grab (0: none any more); no job can be served
   from them, so the supervisor is not ready while any process reports one
 - ``B<function>``: busy: started a job after being idle
-- ``D<n><json>``: finished jobs, a list of ``[outcome, seconds, function, error]`` (seconds to
-  the microsecond); outcome is ``complete``, ``fail`` or ``exception``; ``n`` numbers the
-  first of them among the process's finished jobs (from 0), so the supervisor sees a lost
-  message and reads its jobs from the process's slot (``gdriver.slots``). Sent at least
-  every 50 ms and before going idle, so a process streaming jobs sends a few messages a
-  second, not two per job.
+- ``D<first><count><records><json>``: finished jobs. ``first`` (8 bytes) numbers the first
+  of them among the process's finished jobs (from 0), so the supervisor sees a lost message
+  and reads its jobs from the process's slot; ``count`` (2 bytes) records follow, each as
+  the slot's ring holds it (``gdriver.slots``: seconds, the function's index in the job,
+  the outcome's index in ``complete``, ``fail``, ``exception``): the child copies them, it
+  does not format them. Then, when some failed with a message, ``[[n, error], ...]`` in
+  JSON (``n``: the job's number). Sent at least every 50 ms and before going idle, so a
+  process streaming jobs sends a few messages a second, not two per job.
 - ``I``: idle: no work for 50 ms (every connection asleep); a process that goes straight
   from one job to the next stays busy and sends nothing between them
 - ``L<json>``: a log record, already formatted
@@ -35,7 +37,10 @@ the ``encode_*`` functions, the supervisor reads with :func:`decode`.
 from __future__ import annotations
 
 import json
+import struct
 from typing import NamedTuple
+
+from gdriver.slots import DONE_SIZE, Finished, records
 
 __all__ = [
     "MAX_MESSAGE",
@@ -95,8 +100,9 @@ class Busy(NamedTuple):
 
 
 class Done(NamedTuple):
-    first: int  # the number of the first report among the process's finished jobs
-    reports: list[JobReport]
+    first: int  # the number of the first job among the process's finished jobs
+    finished: list[Finished]  # the function as its index in the process's job
+    errors: dict[int, str]  # job number -> error message, for failures that have one
 
 
 class Idle(NamedTuple):
@@ -146,43 +152,23 @@ def encode_poisoned(function: str, handle: str, unique: str) -> bytes:
     return POISONED + data.encode("utf-8", "surrogateescape")[:MAX_MESSAGE]
 
 
-def encode_done(batch: list[tuple[str, float, str, str]], first: int) -> list[bytes]:
-    """The reports, the first of them job number ``first``, as messages of at most
-    MAX_MESSAGE bytes (split in halves when needed)."""
-    # as json.dumps(batch) writes it, at a third of the cost (a float's shortest repr alone
-    # costs 8,000 instructions): names quoted once, the seconds to the microsecond
-    quoted = _QUOTED
-    items = []
-    for outcome, seconds, function, error in batch:
-        if 0.0 <= seconds < 1e15:
-            text = f"{seconds:.6f}".rstrip("0")
-            if text[-1] == ".":
-                text += "0"
-        else:
-            text = json.dumps(float(seconds))  # NaN and the like, as json.dumps writes them
-        items.append(f"[{quoted.get(outcome) or _quoted(outcome)}, {text}, "
-                     f"{quoted.get(function) or _quoted(function)}, "
-                     f"{quoted.get(error) or _quoted(error)}]")  # fmt: skip
-    data = DONE + b"%d[" % first + ", ".join(items).encode("utf-8", "replace") + b"]"
-    if len(data) <= MAX_MESSAGE:
-        return [data]
-    if len(batch) == 1:
-        return [data[:MAX_MESSAGE]]  # one report with a huge function name: cut
-    half = len(batch) // 2
-    return encode_done(batch[:half], first) + encode_done(batch[half:], first + half)
+_DONE_HEAD = struct.Struct("=QH")  # first, count
 
 
-_QUOTED: dict[str, str] = {}  # the JSON text of outcomes and function names seen
-
-
-def _quoted(text: str) -> str:
-    """``json.dumps(text, ensure_ascii=False)``, from a cache for the strings that repeat."""
-    quoted = _QUOTED.get(text)
-    if quoted is None:
-        quoted = json.dumps(text, ensure_ascii=False)
-        if len(text) <= 200 and len(_QUOTED) < 1000:  # names, not error messages
-            _QUOTED[text] = quoted
-    return quoted
+def encode_done(first: int, ring: bytes, count: int, errors: list[tuple[int, str]]) -> bytes:
+    """``count`` finished jobs, the first of them job number ``first``: their slot records
+    (``ring``, as :meth:`gdriver.slots.Slot.last` gives them) and the error messages of
+    those that failed with one (cut to share MAX_MESSAGE when they would not fit)."""
+    data = DONE + _DONE_HEAD.pack(first, count) + ring
+    if errors:
+        text = json.dumps(errors, ensure_ascii=False).encode("utf-8", "replace")
+        room = MAX_MESSAGE - len(data)
+        if len(text) > room:
+            each = max(0, room // len(errors) - 32) // 4  # characters of <= 4 bytes
+            cut = [(n, error[:each]) for n, error in errors]
+            text = json.dumps(cut, ensure_ascii=False).encode("utf-8", "replace")
+        data += text
+    return data
 
 
 def encode_log(line: str) -> bytes:
@@ -223,12 +209,12 @@ def decode(data: bytes) -> Message | None:
     tag, body = data[:1], data[1:]
     try:
         if tag == DONE:
-            at = body.find(b"[")
-            first = int(body[:at]) if at > 0 else -1
-            reports = json.loads(body[at:]) if first >= 0 else None
-            if not isinstance(reports, list):
+            first, count = _DONE_HEAD.unpack_from(body)
+            end = _DONE_HEAD.size + count * DONE_SIZE
+            finished = records(body[_DONE_HEAD.size : end])
+            if len(finished) != count:
                 return None
-            return Done(first, [_report(report) for report in reports])
+            return Done(first, finished, _errors(body[end:]))
         if tag == BUSY:
             return Busy(body.decode("utf-8", "replace"))
         if tag == IDLE:
@@ -243,19 +229,25 @@ def decode(data: bytes) -> Message | None:
             return Exiting(body.decode("ascii", "replace"))
         if tag == POISONED:
             return Poisoned(*(str(s) for s in json.loads(body.decode("utf-8", "surrogateescape"))))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, struct.error):
         return None
     return None
 
 
-def _report(item: object) -> JobReport:
-    """One report of a ``D`` message, its types checked (worker code can write anything to
-    its channel)."""
-    if not isinstance(item, list) or len(item) != 4:
-        raise TypeError("not a job report")
-    outcome, seconds, function, error = item
-    if not (isinstance(outcome, str) and isinstance(function, str) and isinstance(error, str)):
-        raise TypeError("not a job report")
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
-        raise TypeError("not a job report")
-    return JobReport(outcome, float(seconds), function, error)
+def _errors(data: bytes) -> dict[int, str]:
+    """The error messages of a ``D`` message, their types checked (worker code can write
+    anything to its channel)."""
+    if not data:
+        return {}
+    items = json.loads(data.decode("utf-8", "replace"))
+    if not isinstance(items, list):
+        raise TypeError("not a list of errors")
+    out = {}
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            raise TypeError("not an error")
+        n, error = item
+        if not isinstance(n, int) or isinstance(n, bool) or not isinstance(error, str):
+            raise TypeError("not an error")
+        out[n] = error
+    return out

@@ -240,9 +240,7 @@ class Job:
     RuntimeError.
     """
 
-    __slots__ = (
-        "_conn", "_gen", "_handle", "_unique", "function_name", "handle", "unique", "workload",
-    )  # fmt: skip
+    __slots__ = ("_conn", "_gen", "_handle", "_unique", "function_name", "workload")
 
     def __init__(
         self,
@@ -256,14 +254,23 @@ class Job:
     ) -> None:
         self.workload = workload
         self.function_name = function_name
-        self.handle = handle
-        self.unique = unique
         self._conn = conn
         self._gen = conn.gen if conn is not None else 0
-        self._handle = raw_handle if raw_handle is not None else handle.encode()
+        self._handle = (
+            raw_handle if raw_handle is not None else handle.encode("utf-8", "surrogateescape")
+        )
         self._unique = (
             raw_unique if raw_unique is not None else unique.encode("utf-8", "surrogateescape")
         )
+
+    # decoded when asked for: most jobs never look at them
+    @property
+    def handle(self) -> str:
+        return self._handle.decode("utf-8", "surrogateescape")
+
+    @property
+    def unique(self) -> str:
+        return self._unique.decode("utf-8", "surrogateescape")
 
     def __repr__(self) -> str:
         return (
@@ -539,6 +546,9 @@ class GearmanWorker:
         self._hello = b"".join(hello)
         self._conns = [_Conn(s) for s in self.servers]
         self._poller: _Poller | None = None
+        self._objects: dict[
+            int, _Conn | None
+        ] = {}  # the poller's: fd -> connection (None: wake fd)
         self._confirmed = 0
         self._stopping = False
         self._should_stop: Callable[[], bool] = _never
@@ -566,6 +576,9 @@ class GearmanWorker:
         }
         self._stop_deadline = 0.0
         self._stop_jobs = -1
+        #: When the timers (connects, pings, grab and connect deadlines, on_idle) must next be
+        #: looked at; 0.0: at once (any event but a job answered with a grab resets it).
+        self._due = 0.0
 
     @property
     def confirmed_servers(self) -> int:
@@ -593,7 +606,8 @@ class GearmanWorker:
         the number of seconds after which it wants to be called again.
 
         should_stop() is checked after every job, before every grab, after every wake fd
-        event and at least every ``poll_interval`` seconds.  Once it is true no grab is
+        event, before every computation of the timers and at least every ``poll_interval``
+        seconds.  Once it is true no grab is
         sent; a grab still outstanding is waited for (at most ``stop_grace`` seconds) and a
         job it brings is run, so no job is taken and dropped.
         """
@@ -606,25 +620,33 @@ class GearmanWorker:
         self._stopping = False
         self.close()
         poller = self._poller = _Poller()
+        self._objects = poller.objects
         poll = poller.poll
         scale = poller.scale
         monotonic = time.monotonic
         try:
             self._start(wake_fds)
             while True:
-                if not self._stopping and should_stop():
-                    self._stopping = True
                 now = monotonic()
-                if self._stopping:
+                if self._stopping or (now >= self._due and should_stop()):
+                    self._stopping = True
+                    self._due = 0.0
                     timeout = self._stop_timeout(now)
                     if timeout is None:
                         return
+                elif now < self._due:
+                    # only jobs answered with a grab since the timers were last computed (and
+                    # each asked should_stop() before its grab): a grab's deadline only moves
+                    # later, so nothing is due before _due
+                    timeout = self._due - now
                 else:
                     timeout = self._serve_timeout(now, on_idle)
+                    self._due = now + timeout
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
                 self._handle_events(events, now, on_wake)
-                self._check_deadlines(now, events)
+                if now >= self._due:
+                    self._check_deadlines(now, events)
         finally:
             self._should_stop = _never
             self._on_registered = None
@@ -646,6 +668,7 @@ class GearmanWorker:
             c.addr_idx = 0
         self._stop_deadline = 0.0
         self._stop_jobs = -1
+        self._due = 0.0
 
     def _stop_timeout(self, now: float) -> float | None:
         """While stopping: None once nothing is left to wait for, else the poll timeout."""
@@ -688,16 +711,15 @@ class GearmanWorker:
         now: float,
         on_wake: Callable[[int], None] | None,
     ) -> None:
-        poller = self._poller
-        assert poller is not None
-        objects = poller.objects
+        objects = self._objects
         for fd, ev in events:
             obj = objects.get(fd, _GONE)
             if obj is None:
+                self._due = 0.0
                 if on_wake is not None:
                     on_wake(fd)
                 elif not _drain(fd):
-                    poller.unregister(fd)
+                    self._poller.unregister(fd)  # type: ignore[union-attr]
                 if not self._stopping and self._should_stop():
                     self._stopping = True
             elif obj is _GONE:
@@ -842,6 +864,7 @@ class GearmanWorker:
         c.write(c.grab)
 
     def _drop(self, c: _Conn, reason: str) -> None:
+        self._due = 0.0
         was_confirmed = c.confirmed
         c.close()
         c.addr_idx = len(c.addrs)
@@ -861,6 +884,7 @@ class GearmanWorker:
     # ------------------------------------------------------------------ I/O
 
     def _on_event(self, c: _Conn, ev: int, now: float) -> None:
+        self._due = 0.0
         sock = c.sock
         assert sock is not None
         if c.state == _CONNECTING:
@@ -901,16 +925,36 @@ class GearmanWorker:
         assert sock is not None
         try:
             n = sock.recv_into(_recv_buffer)
-            data = _recv_view[:n].tobytes()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._drop(c, error_text(exc))
             return
-        if not data:
+        if not n:
             self._drop(c, "connection closed by server")
             return
         c.last_rx = now
+        if n > HEADER_SIZE and c.grabbing and not c.skip and not c.inbuf:
+            # what nearly every read is: one whole JOB_ASSIGN_UNIQ and nothing else; its
+            # fields are taken straight from the buffer (the checks are _parse's)
+            magic, ptype, size = unpack_header(_recv_buffer, 0)
+            if (
+                ptype == JOB_ASSIGN_UNIQ
+                and n == HEADER_SIZE + size
+                and magic == RES
+                and size <= self.protocol.max_packet_size
+            ):
+                parts = _recv_view[HEADER_SIZE:n].tobytes().split(b"\0", 3)
+                if len(parts) == 4:
+                    gen = c.gen
+                    c.grabbing = False
+                    if not c.confirmed:
+                        self._confirm(c)
+                    self._run_job(c, parts)
+                    if c.gen == gen and c.broken is not None:
+                        self._drop(c, c.broken)
+                    return
+        data = _recv_view[:n].tobytes()
         if c.skip:
             data = self._skip(c, data, now)
             if not data:
@@ -947,6 +991,8 @@ class GearmanWorker:
             if on_packet is None:
                 self._drop(c, f"unexpected packet type {ptype} from server")
                 return
+            if ptype not in _ASSIGNS:
+                self._due = 0.0  # it may put the connection to sleep or start a timer
             on_packet(c, ptype, data[start:end])
             if c.gen != gen:
                 return  # dropped, or closed by a callback: the rest belongs to that connection
@@ -964,6 +1010,7 @@ class GearmanWorker:
     def _oversize(self, c: _Conn, size: int, body: bytes) -> None:
         """A job packet over max_packet_size: discard its body as it arrives (never held in
         memory), then fail the job by its handle."""
+        self._due = 0.0
         c.inbuf = bytearray()
         c.skip = c.skip_size = size
         c.skip_head = bytearray()
@@ -1118,15 +1165,7 @@ class GearmanWorker:
             self.jobs_failed += 1
         else:
             name, handler = entry
-            job = Job(
-                workload,
-                name,
-                handle.decode("utf-8", "surrogateescape"),
-                unique.decode("utf-8", "surrogateescape"),
-                c,
-                handle,
-                unique,
-            )
+            job = Job(workload, name, "", "", c, handle, unique)
             try:
                 result = handler(job)
                 if type(result) is not bytes:
@@ -1143,7 +1182,12 @@ class GearmanWorker:
                 job._conn = None
                 job._gen = _FINISHED
         if c.broken is None:
-            self._answer(c, packet)
+            # _answer() inlined: the result and the next grab in one write
+            if not self._stopping and not self._stop_now():
+                packet += c.grab
+                c.grabbing = True
+                c.deadline = time.monotonic() + self.reply_timeout
+            c.write(packet)
         if entry is not None and self.on_answered is not None:
             # no syscall of its own: whether the write above took the answer; a connection
             # gearmand broke is reconnected as ever (gearmand re-queues the job), a descriptor

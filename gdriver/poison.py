@@ -220,6 +220,6 @@ def function_of(functions: Sequence[str], method: int) -> str:
     return functions[method] if 0 <= method < len(functions) else "?"
 
 
-def report_of(finished: Finished, functions: Sequence[str]) -> JobReport:
+def report_of(finished: Finished, functions: Sequence[str], error: str = "") -> JobReport:
     function = function_of(functions, finished.method)
-    return JobReport(finished.outcome, finished.seconds, function, "")
+    return JobReport(finished.outcome, finished.seconds, function, error)

@@ -40,7 +40,7 @@ from gdriver.worker import Worker
 
 log = logging.getLogger("gdriver.process")
 
-FLUSH_JOBS = 64  # job reports per message at most
+FLUSH_JOBS = slots.RING  # job reports per message at most: the slot's ring holds them
 GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF}
 MAX_ERROR = 512  # characters of an error message in a job report (the log has it all)
 FLUSH_AFTER = 0.05  # s: a busy process reports its finished jobs at least this often
@@ -89,9 +89,11 @@ class Child:
         self.busy_reported = False
         self.timing = False  # the job's timeout alarm is armed
         self.idle_since: float | None = None  # monotonic; set while idle but still reported busy
-        self.finished: list[tuple[str, float, str, str]] = []  # job reports not yet sent
-        # the report of the job whose answer is being handed to gearmand, and when it ended
-        self.pending: tuple[str, float, str, str] | None = None
+        self.unreported = 0  # finished jobs (in the slot's ring) not reported yet
+        self.errors: list[tuple[int, str]] = []  # their error messages, by job number
+        # the job whose answer is being handed to gearmand: (outcome code, seconds, error,
+        # function), and when it ended
+        self.pending: tuple[int, float, str, str] | None = None
         self.pending_end = 0.0
         self.forked = False  # a copy made by os.fork in job code (``forked_in_job``)
         self.slot = slots.child_slot()  # the running job and finished ones, for the supervisor
@@ -120,16 +122,15 @@ class Child:
             raise JobTimeout("job exceeded its timeout")
 
     def flush(self) -> None:
-        """Send the finished jobs' reports in one message (many jobs per message under load)."""
+        """Send the finished jobs' reports in one message (many jobs per message under load):
+        their records as the slot's ring holds them, numbered as the slot numbers them."""
         self.last_flush = time.perf_counter()  # the clock jobs are timed with
-        if self.finished:
-            batch, self.finished = self.finished, []
-            self.send_reports(batch)
-
-    def send_reports(self, batch: list[tuple[str, float, str, str]]) -> None:
-        # numbered as the slot numbers them: each report was written there first
-        for data in messages.encode_done(batch, self.slot.done - len(batch)):
-            self.send(data)
+        n = self.unreported
+        if n:
+            self.unreported = 0
+            errors, self.errors = self.errors, []
+            slot = self.slot
+            self.send(messages.encode_done(slot.done - n, slot.last(n), n, errors))
 
     def on_idle(self) -> float | None:
         """The worker has nothing to do. After IDLE_AFTER s of that, report the finished jobs
@@ -199,6 +200,7 @@ class Child:
         index = self.spec.methods.index(method)
         begin = self.slot.begin
         begin_hook = _overridden(worker, "begin")  # None: Worker's own, which does nothing
+        end_hook = self.end_hook
         clock = time.perf_counter
 
         def handle(job: Job) -> bytes:
@@ -210,7 +212,7 @@ class Child:
                     self.busy_reported = True
                     send(busy_msg)
                     start = clock()
-                elif self.finished and start - self.last_flush > FLUSH_AFTER:
+                elif self.unreported and start - self.last_flush > FLUSH_AFTER:
                     self.flush()  # reports of earlier jobs must not wait for this one
                     start = clock()
                 poisoned = begin(index, function, job._handle, job._unique, start)
@@ -238,6 +240,11 @@ class Child:
                     if timeout:
                         self.timing = False
                         signal.setitimer(signal.ITIMER_REAL, 0)
+                if error is None and end_hook is None:  # job_finished() for a job that worked
+                    self.jobs_done += 1
+                    self.pending_end = end = clock()
+                    self.pending = (0, end - start, "", function)
+                    return data
                 message = self.job_finished(job, workload, error, function, start)
             except JobTimeout:  # the alarm fired while it was being disarmed: still a timeout
                 self.stop_requested, self.stop_reason = True, "timeout"
@@ -262,7 +269,8 @@ class Child:
         self.jobs_done += 1
         end = time.perf_counter()
         # recorded once its answer went out (``answered``)
-        self.pending = (outcome, end - start, function, message[:MAX_ERROR] if message else "")
+        code = slots.OUTCOME_CODE[outcome]
+        self.pending = (code, end - start, message[:MAX_ERROR] if message else "", function)
         self.pending_end = end
         return message
 
@@ -277,15 +285,17 @@ class Child:
         if report is None:
             return
         self.pending = None
+        code, seconds, error, function = report
         if not sent:
-            self.lost(report[2])
-        outcome = report[0]
-        self.slot.finish(outcome, report[1])
-        finished = self.finished
-        finished.append(report)
+            self.lost(function)
+        slot = self.slot
+        slot.finish(code, seconds)
+        if error:
+            self.errors.append((slot.done - 1, error))
+        self.unreported = n = self.unreported + 1
         if (
-            outcome != "complete"  # errors show in the console at once
-            or len(finished) >= FLUSH_JOBS
+            code  # failures show in the console at once
+            or n >= FLUSH_JOBS
             or self.pending_end - self.last_flush > FLUSH_AFTER
         ):
             self.flush()
@@ -307,7 +317,7 @@ class Child:
         self.send(messages.encode_poisoned(function, job.handle, job.unique))
         self.jobs_done += 1
         self.pending_end = end = time.perf_counter()
-        self.pending = ("fail", end - start, function, why[:MAX_ERROR])
+        self.pending = (slots.OUTCOME_CODE["fail"], end - start, why[:MAX_ERROR], function)
         raise JobFailed(why.encode("utf-8", "replace"))
 
     def rejected(self, function: str, handle: str, message: str) -> None:
@@ -316,9 +326,11 @@ class Child:
         # in the slot too, begun and finished, so its reports stay numbered as the slot's jobs
         index = self.spec.functions.index(function) if function in self.spec.functions else 0
         raw = handle.encode("utf-8", "surrogateescape")
-        self.slot.begin(index, function, raw, b"", time.perf_counter())
-        self.slot.finish("fail", 0.0)
-        self.finished.append(("fail", 0.0, function, message[:MAX_ERROR]))
+        slot = self.slot
+        slot.begin(index, function, raw, b"", time.perf_counter())
+        slot.finish(slots.OUTCOME_CODE["fail"], 0.0)
+        self.unreported += 1
+        self.errors.append((slot.done - 1, message[:MAX_ERROR]))
         self.flush()
 
     def job_failed(self, function: str, error: BaseException) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gdriver import channel, logs
 from gdriver.jobs import JobState, Process
 from gdriver.logs import log_event
+from gdriver.poison import report_of
 from gdriver.slots import OUTCOME_CODE
 
 if TYPE_CHECKING:
@@ -52,11 +53,16 @@ class Reports:
                     and all(p.busy for p in job.processes.values() if not p.retiring)
                 ):
                     d.poller.request()
-            case channel.Done(first, reports):
+            case channel.Done(first, finished, errors):
                 proc.busy_since = now
                 if first > proc.reported:  # a message was lost: its jobs are in the slot
                     self.on_jobs_done(job, proc, d.poison.unsent(proc, first, live=True))
-                proc.reported = max(proc.reported, first + len(reports))
+                proc.reported = max(proc.reported, first + len(finished))
+                functions = proc.functions
+                reports = [
+                    report_of(f, functions, errors.get(first + i, ""))
+                    for i, f in enumerate(finished)
+                ]
                 self.on_jobs_done(job, proc, reports)
             case channel.Idle():
                 proc.busy = False

@@ -14,8 +14,9 @@ a header, the poison table (the jobs whose processes kept dying with them; see
 - the running job: its start (``time.perf_counter``, CLOCK_MONOTONIC, the same in every process),
   the index of its function in the job's methods, its handle and unique (cut to FIELD bytes).
 - the outcomes of the last RING finished jobs: a process batches its job reports on its channel
-  (``gdriver.process``), each message numbered by its first job; the reports of a process
-  that dies before sending them, or whose message was lost, are read here by that number.
+  (``gdriver.process``), each message numbered by its first job and carrying these records
+  as they are here (:meth:`Slot.last`); the reports of a process that dies before sending
+  them, or whose message was lost, are read here by that number.
 
 The child's side is :class:`Slot`; everything else is the supervisor's.
 """
@@ -39,8 +40,8 @@ _JOB = struct.Struct(f"=dHH{FIELD}sH{FIELD}s")  # start, method, len, handle, le
 _DONE = struct.Struct("=dHB")  # seconds, method, outcome
 _ENTRY = struct.Struct("=qdH46s")  # key, expires (perf_counter), deaths, why (cut)
 # bound once: a job's start and end write the slot, and each lookup counts there
-_pack_count, _unpack_count = _COUNT.pack_into, _COUNT.unpack_from
 _pack_job, _pack_done, _DONE_SIZE = _JOB.pack_into, _DONE.pack_into, _DONE.size
+DONE_SIZE = _DONE_SIZE  # bytes of one finished job's record
 _JOB_AT = 16  # after begun and finished
 _RING_AT = 160
 RECORD = 1024  # bytes per slot: 4 to a page
@@ -84,6 +85,19 @@ class SlotState(NamedTuple):
     running: RunningJob | None
 
 
+def records(data: bytes) -> list[Finished]:
+    """Ring records (as :meth:`Slot.last` gives them) read back; ValueError when they are not
+    whole records or name no outcome (a channel message can be anything)."""
+    if len(data) % _DONE_SIZE:
+        raise ValueError("not whole job records")
+    out = []
+    for seconds, method, code in _DONE.iter_unpack(data):
+        if code >= len(OUTCOMES):
+            raise ValueError("not an outcome")
+        out.append(Finished(OUTCOMES[code], seconds, method))
+    return out
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
@@ -92,25 +106,36 @@ class Slot:
     """The child's end of its slot (``buffer``: the shared mapping; a private bytearray when a
     process runs jobs without a supervisor, as the warm-up does)."""
 
-    __slots__ = ("at", "begun", "buffer", "done", "keys", "method", "seen")
+    __slots__ = ("at", "begun", "buffer", "counts", "done", "keys", "method", "seen", "version")
 
     def __init__(self, buffer: mmap.mmap | bytearray, index: int) -> None:
-        self.buffer = buffer
-        self.at = _SLOTS_AT + index * RECORD
+        self.attach(buffer, index)
         self.begun = self.done = 0  # the supervisor cleared the record
         self.method = 0  # of the job begun last
+
+    def attach(self, buffer: mmap.mmap | bytearray, index: int) -> None:
+        self.buffer = buffer
+        self.at = at = _SLOTS_AT + index * RECORD
+        # begun and finished, and the table's version, as numbers: a store, not a call, per job
+        # (views of the mapping: :meth:`release` lets a Board in the same process close it)
+        self.counts = memoryview(buffer)[at : at + 16].cast("Q")
+        self.version = memoryview(buffer)[:8].cast("Q")
         self.seen = -1  # the poison table's version last read
         self.keys: dict[int, tuple[int, str, float]] = {}  # poisoned key -> deaths, why, until
+
+    def release(self) -> None:
+        """Give up the views of the buffer (a process that closes the Board it shares)."""
+        self.counts.release()
+        self.version.release()
 
     def begin(self, method: int, function: str, handle: bytes, unique: bytes, start: float) -> str:
         """A job starts: record it. Returns why it must not run ("" : run it) when the poison
         table names it."""
-        buffer, at = self.buffer, self.at
-        _pack_job(buffer, at + _JOB_AT, start, method, len(handle), handle, len(unique), unique)
+        _pack_job(self.buffer, self.at + _JOB_AT, start, method, len(handle), handle,
+                  len(unique), unique)  # fmt: skip
         self.method = method
-        self.begun = begun = self.begun + 1
-        _pack_count(buffer, at, begun)
-        if _unpack_count(buffer, 0)[0] != self.seen:
+        self.begun = self.counts[0] = self.begun + 1  # the fields first (see the module)
+        if self.version[0] != self.seen:
             self.read_table()
         if not self.keys:
             return ""
@@ -123,20 +148,33 @@ class Slot:
             "failed without running it again (poison_threshold)"
         )
 
-    def finish(self, outcome: str, seconds: float) -> None:
-        """The job begun last finished and its answer went to gearmand; its report is
-        queued. Until then the job counts as running: a death before it counts against it."""
-        buffer, at, done = self.buffer, self.at, self.done
-        _pack_done(buffer, at + _RING_AT + (done % RING) * _DONE_SIZE,
-                   seconds, self.method, OUTCOME_CODE.get(outcome, 1))  # fmt: skip
-        self.done = done = done + 1
-        _pack_count(buffer, at + 8, done)
+    def finish(self, code: int, seconds: float) -> None:
+        """The job begun last finished (``code``: its outcome's index in OUTCOMES) and its
+        answer went to gearmand; its report is queued. Until then the job counts as running:
+        a death before it counts against it."""
+        done = self.done
+        _pack_done(self.buffer, self.at + _RING_AT + done % RING * _DONE_SIZE, seconds,
+                   self.method, code)  # fmt: skip
+        self.done = self.counts[1] = done + 1
+
+    def last(self, n: int) -> bytes:
+        """The ring's records of the last ``n`` finished jobs (at most RING), oldest first:
+        what a ``D`` message carries (``gdriver.channel``)."""
+        ring = self.at + _RING_AT
+        first = (self.done - n) % RING
+        end = first + n
+        if end <= RING:
+            return bytes(self.buffer[ring + first * _DONE_SIZE : ring + end * _DONE_SIZE])
+        wrapped = (end - RING) * _DONE_SIZE
+        return bytes(self.buffer[ring + first * _DONE_SIZE : ring + RING * _DONE_SIZE]) + bytes(
+            self.buffer[ring : ring + wrapped]
+        )
 
     def detach(self) -> None:
         """In a process forked from the slot's process (job code called ``os.fork``): write
         a private record from now on, never the parent's."""
-        self.buffer, self.at = bytearray(_SLOTS_AT + RECORD), _SLOTS_AT
-        self.seen, self.keys = -1, {}
+        self.release()
+        self.attach(bytearray(_SLOTS_AT + RECORD), 0)
 
     def read_table(self) -> None:
         for _ in range(100):  # the supervisor writes it seldom: a torn read is retried

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import json
+import struct
 
-from gdriver import channel
+from gdriver import channel, slots
 from gdriver.channel import (
     MAX_MESSAGE,
     Busy,
     Done,
     Exiting,
     Idle,
-    JobReport,
     Log,
     Registered,
     decode,
 )
+from gdriver.slots import Finished
+
+
+def finished_jobs(outcomes: list[tuple[str, float, int]], before: int = 0) -> slots.Slot:
+    """A private slot after ``before`` jobs, then one per (outcome, seconds, method)."""
+    slot = slots.Slot(bytearray(slots._SLOTS_AT + slots.RECORD), 0)
+    for n in range(before):
+        slot.begin(0, "f", b"H:%d" % n, b"", 0.0)
+        slot.finish(0, 0.0)
+    for outcome, seconds, method in outcomes:
+        slot.begin(method, "f", b"H", b"", 0.0)
+        slot.finish(slots.OUTCOME_CODE[outcome], seconds)
+    return slot
 
 
 def test_every_message_decodes_to_what_was_encoded() -> None:
@@ -26,48 +39,50 @@ def test_every_message_decodes_to_what_was_encoded() -> None:
     assert decode(channel.encode_exiting("max_jobs")) == Exiting("max_jobs")
     line = json.dumps({"message": "hello", "level": "INFO"})
     assert decode(channel.encode_log(line)) == Log(line.encode())
-    batch = [("complete", 0.5, "f", ""), ("fail", 0.25, "g", "TypeError: no")]
-    (data,) = channel.encode_done(batch, 7)
-    message = decode(data)
-    assert message == Done(7, [JobReport(*report) for report in batch])
-    assert isinstance(message, Done) and message.reports[1].error == "TypeError: no"
+    slot = finished_jobs([("complete", 0.5, 0), ("fail", 0.25, 1)], before=5)
+    data = channel.encode_done(5, slot.last(2), 2, [(6, "TypeError: no")])
+    expected = [Finished("complete", 0.5, 0), Finished("fail", 0.25, 1)]
+    assert decode(data) == Done(5, expected, {6: "TypeError: no"})
 
 
 def test_the_tags_are_the_wire_format() -> None:
-    # the supervisor and the children of a running gdriver may come from different releases
     assert channel.encode_registered(3) == b"R3"
     assert channel.encode_busy("f") == b"Bf"
     assert channel.encode_idle() == b"I"
     assert channel.encode_exiting("lifetime") == b"Xlifetime"
-    done = [b'D0[["complete", 1.0, "f", ""]]']
-    assert channel.encode_done([("complete", 1.0, "f", "")], 0) == done
+    # first (8 bytes), count (2), then each job's ring record: seconds, method, outcome
+    record = struct.pack("=dHB", 1.0, 3, 2)
+    done = b"D" + struct.pack("=QH", 9, 1) + record
+    assert channel.encode_done(9, record, 1, []) == done
+    assert channel.encode_done(9, record, 1, [(9, "é")]) == done + '[[9, "é"]]'.encode()
     assert channel.encode_log("{}") == b"L{}"
 
 
-def test_reports_are_the_json_of_the_batch_with_seconds_to_the_microsecond() -> None:
-    # the child writes the JSON itself (cheaper than json.dumps): the same text, the same values
-    batch = [
-        ("complete", 1.0, "f", ""),
-        ("complete", 0.5, "grüße.fn", ""),
-        ("complete", 1.2345678e-05, 'q"uote\\back', ""),
-        ("fail", 3.0000004, "f", 'line\nbreak "quoted" \x00\x1f tab\t'),
-        ("exception", 0.0, "f", "bad \udcff bytes"),
-        ("complete", 7, "f", ""),
-        ("complete", 12345.6789, "f", ""),
-    ]
-    (data,) = channel.encode_done(batch, 5)
+def test_reports_carry_the_ring_records_across_its_wrap() -> None:
+    # the ring holds the last RING jobs: a batch that wraps around it comes out in job order
+    outcomes = [("exception" if n % 3 else "complete", n / 8, n % 2) for n in range(20)]
+    slot = finished_jobs(outcomes, before=slots.RING - 7)
+    message = decode(channel.encode_done(slots.RING - 7, slot.last(20), 20, []))
+    assert isinstance(message, Done) and message.first == slots.RING - 7
+    assert message.finished == [Finished(o, s, m) for o, s, m in outcomes]
+    assert message.errors == {}
+
+
+def test_errors_keep_their_text_and_always_fit_one_message() -> None:
+    error = 'line\nbreak "quoted" \x00\x1f tab\t, bad \udcff bytes, grüße'
+    slot = finished_jobs([("fail", 1.0, 0)])
+    message = decode(channel.encode_done(0, slot.last(1), 1, [(0, error)]))
+    assert isinstance(message, Done)
+    assert message.errors == {0: error.encode("utf-8", "replace").decode()}  # lone surrogate: ?
+    # errors are cut to MAX_ERROR characters by the child; even 64 of the longest still fit
+    slot = finished_jobs([("exception", 0.1, 0)] * slots.RING)
+    errors = [(n, "€" * 512) for n in range(slots.RING)]
+    data = channel.encode_done(0, slot.last(slots.RING), slots.RING, errors)
+    assert len(data) <= MAX_MESSAGE
     message = decode(data)
-    assert isinstance(message, Done) and message.first == 5
-    for got, (outcome, seconds, function, error) in zip(message.reports, batch, strict=True):
-        assert (got.outcome, got.function) == (outcome, function)
-        assert got.error == error.encode("utf-8", "replace").decode()  # lone surrogates: "?"
-        assert abs(got.seconds - seconds) <= 5e-7 and isinstance(got.seconds, float)
-    head = b'D5[["complete", 1.0, "f", ""], ["complete", 0.5, "gr\xc3\xbc\xc3\x9fe.fn", ""], '
-    assert data.startswith(head)
-    assert b'["complete", 0.000012, "q\\"uote\\\\back", ""]' in data
-    assert channel.encode_done([], 0) == [b"D0[]"]
-    # a float that is not a duration still makes valid JSON, as json.dumps writes it
-    assert decode(channel.encode_done([("complete", float("nan"), "f", "")], 0)[0]) is not None
+    assert isinstance(message, Done) and len(message.finished) == slots.RING
+    assert sorted(message.errors) == list(range(slots.RING))
+    assert all(text and set(text) == {"€"} for text in message.errors.values())
 
 
 def test_garbage_decodes_to_none() -> None:
@@ -77,37 +92,22 @@ def test_garbage_decodes_to_none() -> None:
 
 def test_reports_of_another_shape_do_not_decode() -> None:
     # worker code can write to its channel: a D message must hold reports or be dropped
+    head = b"D" + struct.pack("=QH", 0, 1)
+    good = struct.pack("=dHB", 1.0, 0, 0)
+    assert decode(head + good) == Done(0, [Finished("complete", 1.0, 0)], {})
     for data in (
-        b'D0["abcd"]',
-        b'D0[["a", "b", "c", "d"]]',
-        b'D0[["complete", 1.0, "f", 5]]',
-        b'D0[["complete", "1.0", "f", ""]]',
-        b'D0[["complete", false, "f", ""]]',
-        b'D0[[1, 1.0, "f", ""]]',
-        b'D0[["complete", 1.0, ["f"], ""]]',
-        b'D0[["complete", 1.0, "f", "", "x"]]',
-        b'D0{"a": 1}',
-        b'D[["complete", 1.0, "f", ""]]',  # no number
-        b'D-1[["complete", 1.0, "f", ""]]',
-        b'Dx[["complete", 1.0, "f", ""]]',
+        b"D" + struct.pack("=QH", 0, 2) + good,  # fewer records than it says
+        head + good[:-1],
+        head + struct.pack("=dHB", 1.0, 0, 3),  # no such outcome
+        head + good + b"x",
+        head + good + b'{"0": "e"}',
+        head + good + b'[["0", "e"]]',
+        head + good + b"[[0, 5]]",
+        head + good + b'[[true, "e"]]',
+        head + good + b'[[0, "e", 1]]',
+        b'D0[["complete", 1.0, "f", ""]]',  # the JSON form of earlier releases
     ):
         assert decode(data) is None, data
-    assert decode(b'D3[["complete", 1, "f", ""]]') == Done(3, [JobReport("complete", 1.0, "f", "")])
-
-
-def test_large_batches_split_and_every_message_fits() -> None:
-    batch = [("exception", 0.1, "f", "e" * 400) for _ in range(400)]
-    messages = channel.encode_done(batch, 1000)
-    assert len(messages) > 1
-    assert all(len(m) <= MAX_MESSAGE for m in messages)
-    decoded = [decode(m) for m in messages]
-    reports = [r for m in decoded for r in m.reports]  # type: ignore[union-attr]
-    assert reports == [JobReport(*r) for r in batch]
-    # each message numbers its first report: they follow one another
-    expected = 1000
-    for m in decoded:
-        assert m.first == expected  # type: ignore[union-attr]
-        expected += len(m.reports)  # type: ignore[union-attr]
 
 
 def test_huge_log_records_are_cut_to_one_json_object() -> None:

@@ -49,11 +49,11 @@ def test_a_slot_holds_the_running_job_and_the_unsent_reports() -> None:
         "u-7",
     )
     assert state.running.seconds == pytest.approx(3.0)
-    slot.finish("complete", 0.25)
+    slot.finish(0, 0.25)
     assert board.read(1234, 5.0) == slots.SlotState(1, None)
     for n in range(slots.RING + 5):
         slot.begin(0, "f.g", b"H:host:%d" % n, b"", 0.0)
-        slot.finish("exception" if n % 2 else "complete", float(n))
+        slot.finish(2 if n % 2 else 0, float(n))
     end = 1 << 62
     unsent = board.finished_range(1234, 1, end, live=False)  # one report reached the supervisor
     assert len(unsent) == slots.RING  # the ring keeps the last ones: as many as a batch holds
@@ -67,6 +67,7 @@ def test_a_slot_holds_the_running_job_and_the_unsent_reports() -> None:
     assert slots.child_slot().begin(0, "f.g", b"H", b"", 0.0) == ""
     board.bind(99, index)
     assert board.read(99, 1.0).finished == 0
+    slot.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -86,6 +87,7 @@ def test_long_handles_are_cut_and_keyed_the_same_on_both_sides() -> None:
     key = slots.job_key("f", running.handle_bytes, running.unique_bytes)
     assert key == slots.job_key("f", handle, unique)
     assert slots.job_key("f", running.handle_bytes, b"") == slots.job_key("f", handle, b"")
+    slot.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -103,7 +105,7 @@ def test_the_poison_book_poisons_at_the_threshold_and_processes_see_it() -> None
         assert running is not None
         record = book.died("job", "f", running, segv)
         assert record.deaths == n and record.poisoned == (n == 3)
-        child.finish("complete", 0.0)  # (the next process, as far as the slot goes)
+        child.finish(0, 0.0)  # (the next process, as far as the slot goes)
     why = child.begin(0, "f", b"H:1", b"u1", 0.0)
     assert why.startswith("poison job: 3 worker processes died running it (last: signal SIGSEGV)")
     # the same unique under another handle (gearmand restarted with a persistent queue)
@@ -116,6 +118,7 @@ def test_the_poison_book_poisons_at_the_threshold_and_processes_see_it() -> None
     running = slots.RunningJob(0, "H:9", "", 1.0, b"H:9", b"")
     assert all(not book.died("job", "f", running, segv).poisoned for _ in range(5))
     assert child.begin(0, "f", b"H:9", b"", 0.0) == ""
+    child.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -146,6 +149,7 @@ def test_poisoned_jobs_are_forgotten_when_their_handle_may_name_another_job() ->
     now[0] = later
     record = book.died("job", "f", slots.RunningJob(0, "H:1", "u2", 1.0, b"H:1", b"u2"), segv)
     assert record.deaths == 1 and list(book.records) == [record.key]
+    child.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -161,7 +165,7 @@ def test_a_dead_process_is_read_against_its_own_job_after_a_reload() -> None:
     board.bind(7, index)
     proc = Process(pid=7, job_name="job", started=0.0, functions=tuple(old.functions))
     child.begin(1, "old.b", b"H:1", b"", 0.0)
-    child.finish("complete", 0.5)
+    child.finish(0, 0.5)
     child.begin(1, "old.b", b"H:2", b"", 0.0)
     job = JobState(new, 1, 1)  # the reload replaced the job's spec
     got: list[JobReport] = []
@@ -170,6 +174,7 @@ def test_a_dead_process_is_read_against_its_own_job_after_a_reload() -> None:
     assert got == [JobReport("complete", 0.5, "old.b", "")]
     assert death.function == "old.b" and death.record is not None
     assert death.record.function == "old.b"
+    child.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -192,7 +197,7 @@ def test_a_live_read_never_returns_a_torn_job(monkeypatch: pytest.MonkeyPatch) -
         def unpack_from(self, buffer: Any, offset: int = 0) -> tuple[Any, ...]:
             Interleaved.turns += 1
             if Interleaved.turns == 1:  # mid-read: job 1 ends, job 2's handle is written
-                child.finish("complete", 0.1)
+                child.finish(0, 0.1)
                 packed = bytearray(plain.size)
                 plain.pack_into(packed, 0, 2.0, 0, 5, b"H:new", 5, b"u-new")
                 at = slots._SLOTS_AT + index * slots.RECORD + slots._JOB_AT
@@ -205,6 +210,7 @@ def test_a_live_read_never_returns_a_torn_job(monkeypatch: pytest.MonkeyPatch) -
         ("H:old", "u-old"),
         ("H:new", "u-new"),
     ), state
+    child.release()  # its views of the mapping, before it closes
     board.close()
 
 
@@ -405,14 +411,15 @@ def test_worker_code_writing_to_its_channel_neither_stops_nor_skews_the_supervis
 ) -> None:
     g = Gdriver(fresh_gearmand, *NS, metrics=True).start()
     forged = [
-        b'D["abcd"]',  # once JobReport("a", "b", "c", "d"): a series of outcome "a"
-        b'D0["abcd"]',
-        b'D[["a", 1.0, "c", "d"]]',
-        b'D0[["a", 1.0, "c", "d"]]',
-        b'D0[["complete", 0.5, "poison.forge", 5]]',
-        b'D0[["complete", "b", "poison.forge", ""]]',
+        b'D["abcd"]',
+        b'D0[["complete", 0.5, "poison.forge", ""]]',  # the JSON form of earlier releases
+        b"D" + struct.pack("=QH", 0, 1) + struct.pack("=dHB", 0.5, 7, 0),  # no function 7
+        b"D" + struct.pack("=QH", 0, 1) + struct.pack("=dHB", 0.5, 0, 5),  # no outcome 5
+        b"D" + struct.pack("=QH", 0, 1) + struct.pack("=dHB", -0.5, 0, 0),
+        b"D" + struct.pack("=QH", 0, 1) + struct.pack("=dHB", 0.5, 0, 1) + b"[[0, 5]]",
         b'P["x.y", "H:1", ""]',
     ]
+    assert not any(b"\n" in data for data in forged)  # the job sends each line
     try:
         wait_for(lambda: fresh_gearmand.workers_for("poison.forge") >= 1, 15)
         for _ in range(3):

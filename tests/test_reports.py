@@ -5,6 +5,7 @@ to its channel) would send them."""
 from __future__ import annotations
 
 import logging
+import struct
 
 import pytest
 
@@ -17,6 +18,12 @@ from gdriver.worker import Worker
 
 def _body(worker: object, job: object, workload: object) -> None:
     return None
+
+
+def done(first: int, records: list[tuple[float, int, int]], errors: bytes = b"") -> bytes:
+    """A ``D`` message as a process sends it: (seconds, function index, outcome code) each."""
+    head = b"D" + struct.pack("=QH", first, len(records))
+    return head + b"".join(struct.pack("=dHB", *r) for r in records) + errors
 
 
 def driver_with_job() -> tuple[Driver, JobState, Process]:
@@ -43,22 +50,20 @@ def test_reports_that_are_not_of_the_job_are_dropped_and_logged_once(
 ) -> None:
     d, job, proc = driver_with_job()
     forged = [
-        b'D0["abcd"]',  # decoded once as JobReport("a", "b", "c", "d")
-        b'D0[["complete", 0.5, "f", 5]]',  # an error that is no text
-        b'D0[["complete", "0.5", "f", ""]]',
-        b'D0[["complete", true, "f", ""]]',
-        b'D0[["a", 0.5, "f", "x"]]',  # an outcome no job has
-        b'D0[["complete", 0.5, "c", ""]]',  # a function not of this job
-        b'D0[["complete", NaN, "f", ""], ["complete", -1, "f", ""]]',
+        done(0, [(0.5, 0, 0)], b"[[0, 5]]"),  # an error that is no text
+        done(0, [(0.5, 0, 0)], b'[["0", "e"]]'),
+        done(0, [(0.5, 0, 3)]),  # an outcome no job has
+        done(0, [(0.5, 2, 0)]),  # a function not of this job (it has two)
+        done(0, [(float("nan"), 0, 0), (-1.0, 0, 0)]),
+        b"D" + struct.pack("=QH", 0, 2) + struct.pack("=dHB", 0.5, 0, 0),  # one record of two
+        b'D0[["complete", 0.5, "f", ""]]',  # the JSON form of earlier releases
         b"D[]",
         b'P["other", "H:1", ""]',
     ]
     with caplog.at_level(logging.WARNING, logger="gdriver"):
         for data in forged:
             d.reports.on_message(proc, data)  # raises nothing
-        d.reports.on_message(
-            proc, b'D0[["complete", 0.5, "f", ""], ["exception", 1, "g", "E: x\\ny"]]'
-        )
+        d.reports.on_message(proc, done(0, [(0.5, 0, 0), (1.0, 1, 2)], b'[[1, "E: x\\ny"]]'))
     assert series(d, "gdriver_jobs_total") == {
         ("job", "f", "complete"): 1.0,
         ("job", "g", "exception"): 1.0,
@@ -81,10 +86,10 @@ def test_a_lost_report_message_is_read_from_the_slot_and_nothing_twice() -> None
     d.board.bind(proc.pid, index)
     for n in range(6):  # the process finishes six jobs of f
         child.begin(0, "f", b"H:%d" % n, b"", 0.0)
-        child.finish("complete", 0.25)
-    d.reports.on_message(proc, b'D0[["complete", 0.25, "f", ""], ["complete", 0.25, "f", ""]]')
-    # jobs 2 and 3: a message cut to MAX_MESSAGE, or dropped by send(): never arrives
-    d.reports.on_message(proc, b"D4" + b'[["complete", 0.25, "f", ""]]')
+        child.finish(0, 0.25)
+    d.reports.on_message(proc, done(0, [(0.25, 0, 0)] * 2))
+    # jobs 2 and 3: a message dropped by send() (EMSGSIZE, say): never arrives
+    d.reports.on_message(proc, done(4, [(0.25, 0, 0)]))
     assert series(d, "gdriver_jobs_total") == {("job", "f", "complete"): 5.0}
     assert proc.reported == 5
     # it dies before sending job 5's report: read from its slot, the ones it sent are not
