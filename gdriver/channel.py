@@ -40,7 +40,7 @@ import json
 import struct
 from typing import NamedTuple
 
-from gdriver.slots import DONE_SIZE, Finished, records
+from gdriver.slots import DONE_SIZE, records
 
 __all__ = [
     "MAX_MESSAGE",
@@ -101,7 +101,7 @@ class Busy(NamedTuple):
 
 class Done(NamedTuple):
     first: int  # the number of the first job among the process's finished jobs
-    finished: list[Finished]  # the function as its index in the process's job
+    records: list[tuple[float, int, int]]  # seconds, the function's index, the outcome's
     errors: dict[int, str]  # job number -> error message, for failures that have one
 
 
@@ -211,10 +211,10 @@ def decode(data: bytes) -> Message | None:
         if tag == DONE:
             first, count = _DONE_HEAD.unpack_from(body)
             end = _DONE_HEAD.size + count * DONE_SIZE
-            finished = records(body[_DONE_HEAD.size : end])
-            if len(finished) != count:
+            jobs = records(body[_DONE_HEAD.size : end])
+            if len(jobs) != count:
                 return None
-            return Done(first, finished, _errors(body[end:]))
+            return Done(first, jobs, _errors(body[end:]))
         if tag == BUSY:
             return Busy(body.decode("utf-8", "replace"))
         if tag == IDLE:

@@ -224,6 +224,7 @@ class JobFailed(Exception):
 
 
 _FINISHED = -1
+_new = object.__new__
 
 
 class Job:
@@ -262,6 +263,19 @@ class Job:
         self._unique = (
             raw_unique if raw_unique is not None else unique.encode("utf-8", "surrogateescape")
         )
+
+    @classmethod
+    def assigned(cls, workload: bytes, name: str, handle: bytes, unique: bytes, conn: _Conn) -> Job:
+        """The job gearmand assigned on ``conn`` (what ``__init__`` makes of these arguments,
+        without its generic call: this runs for every job)."""
+        job = _new(cls)
+        job.workload = workload
+        job.function_name = name
+        job._conn = conn
+        job._gen = conn.gen
+        job._handle = handle
+        job._unique = unique
+        return job
 
     # decoded when asked for: most jobs never look at them
     @property
@@ -1165,7 +1179,7 @@ class GearmanWorker:
             self.jobs_failed += 1
         else:
             name, handler = entry
-            job = Job(workload, name, "", "", c, handle, unique)
+            job = Job.assigned(workload, name, handle, unique, c)
             try:
                 result = handler(job)
                 if type(result) is not bytes:

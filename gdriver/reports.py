@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from gdriver import channel, logs
 from gdriver.jobs import JobState, Process
 from gdriver.logs import log_event
-from gdriver.poison import report_of
-from gdriver.slots import OUTCOME_CODE
+from gdriver.metrics import DurationSeries
+from gdriver.slots import OUTCOME_CODE, OUTCOMES
 
 if TYPE_CHECKING:
     from gdriver.supervisor import Driver
@@ -24,8 +25,8 @@ INF = float("inf")
 class Reports:
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
-        # (job, function, outcome) -> the jobs counter and duration histogram series
-        self.job_metrics: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # (job, function, outcome) -> its series of the jobs counter
+        self.job_counters: dict[tuple[str, str, str], Any] = {}
 
     def on_message(self, proc: Process, data: bytes) -> None:
         """One channel message of a worker process (``gdriver.channel``): registered, busy,
@@ -53,15 +54,20 @@ class Reports:
                     and all(p.busy for p in job.processes.values() if not p.retiring)
                 ):
                     d.poller.request()
-            case channel.Done(first, finished, errors):
+            case channel.Done(first, records, errors):
                 proc.busy_since = now
                 if first > proc.reported:  # a message was lost: its jobs are in the slot
                     self.on_jobs_done(job, proc, d.poison.unsent(proc, first, live=True))
-                proc.reported = max(proc.reported, first + len(finished))
-                functions = proc.functions
+                proc.reported = max(proc.reported, first + len(records))
+                names, known = proc.functions, len(proc.functions)
                 reports = [
-                    report_of(f, functions, errors.get(first + i, ""))
-                    for i, f in enumerate(finished)
+                    (
+                        OUTCOMES[code],
+                        seconds,
+                        names[method] if method < known else "?",
+                        errors.get(first + i, "") if errors else "",
+                    )
+                    for i, (seconds, method, code) in enumerate(records)
                 ]
                 self.on_jobs_done(job, proc, reports)
             case channel.Idle():
@@ -84,30 +90,44 @@ class Reports:
                 else:
                     self.bad_report(proc, "a poison job of another function", data)
 
-    def on_jobs_done(self, job: JobState, proc: Process, reports: list[channel.JobReport]) -> None:
+    def on_jobs_done(
+        self, job: JobState, proc: Process, reports: Iterable[tuple[str, float, str, str]]
+    ) -> None:
+        """Count a batch of finished jobs, (outcome, seconds, function, error) each: every
+        duration into its histogram, and one increment of each (function, outcome) counter
+        for the batch (a report message holds up to 64 jobs)."""
         now = time.time()
-        d = self.driver
-        cache = self.job_metrics
+        metrics = self.driver.metrics
+        name = job.name
         functions = proc.functions
+        counted: dict[tuple[str, str], int] = {}
+        durations: dict[str, DurationSeries] = {}
         for report in reports:
             outcome, seconds, function, message = report
             if outcome not in OUTCOME_CODE or function not in functions or not 0 <= seconds < INF:
                 self.bad_report(proc, "a job report of another outcome or function", report)
                 continue  # no series of a name its job does not have, no broken histogram
-            proc.jobs_done += 1
-            job.lastrun = now
+            key = (function, outcome)
+            counted[key] = counted.get(key, 0) + 1
+            series = durations.get(function)
+            if series is None:
+                series = durations[function] = metrics.job_duration.labels(name, function)
+            series.observe(seconds)
             if outcome != "complete":
                 job.lasterror = now
                 job.lasterror_msg = message.splitlines()[0] if message else outcome
-            key = (job.name, function, outcome)
-            children = cache.get(key)
-            if children is None:  # labels() is costly: look each series up once
-                children = cache[key] = (
-                    d.metrics.jobs.labels(*key),
-                    d.metrics.job_duration.labels(job.name, function),
+        if not counted:
+            return
+        job.lastrun = now
+        cache = self.job_counters
+        for (function, outcome), n in counted.items():
+            proc.jobs_done += n
+            counter = cache.get((name, function, outcome))
+            if counter is None:  # labels() is costly: look each series up once
+                counter = cache[(name, function, outcome)] = metrics.jobs.labels(
+                    name, function, outcome
                 )
-            children[0].inc()
-            children[1].observe(seconds)
+            counter.inc(n)
 
     def bad_report(self, proc: Process, what: str, data: object) -> None:
         """Drop what a process sent that is not a report of its job (worker code can write

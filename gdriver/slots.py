@@ -85,16 +85,15 @@ class SlotState(NamedTuple):
     running: RunningJob | None
 
 
-def records(data: bytes) -> list[Finished]:
-    """Ring records (as :meth:`Slot.last` gives them) read back; ValueError when they are not
-    whole records or name no outcome (a channel message can be anything)."""
+def records(data: bytes) -> list[tuple[float, int, int]]:
+    """Ring records (as :meth:`Slot.last` gives them) read back: (seconds, the function's
+    index, the outcome's index in OUTCOMES) each; ValueError when they are not whole records
+    or name no outcome (a channel message can be anything)."""
     if len(data) % _DONE_SIZE:
         raise ValueError("not whole job records")
-    out = []
-    for seconds, method, code in _DONE.iter_unpack(data):
-        if code >= len(OUTCOMES):
-            raise ValueError("not an outcome")
-        out.append(Finished(OUTCOMES[code], seconds, method))
+    out = list(_DONE.iter_unpack(data))
+    if any(code >= len(OUTCOMES) for _, _, code in out):
+        raise ValueError("not an outcome")
     return out
 
 

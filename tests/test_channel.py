@@ -16,7 +16,7 @@ from gdriver.channel import (
     Registered,
     decode,
 )
-from gdriver.slots import Finished
+from gdriver.slots import OUTCOME_CODE
 
 
 def finished_jobs(outcomes: list[tuple[str, float, int]], before: int = 0) -> slots.Slot:
@@ -41,7 +41,7 @@ def test_every_message_decodes_to_what_was_encoded() -> None:
     assert decode(channel.encode_log(line)) == Log(line.encode())
     slot = finished_jobs([("complete", 0.5, 0), ("fail", 0.25, 1)], before=5)
     data = channel.encode_done(5, slot.last(2), 2, [(6, "TypeError: no")])
-    expected = [Finished("complete", 0.5, 0), Finished("fail", 0.25, 1)]
+    expected = [(0.5, 0, OUTCOME_CODE["complete"]), (0.25, 1, OUTCOME_CODE["fail"])]
     assert decode(data) == Done(5, expected, {6: "TypeError: no"})
 
 
@@ -64,7 +64,7 @@ def test_reports_carry_the_ring_records_across_its_wrap() -> None:
     slot = finished_jobs(outcomes, before=slots.RING - 7)
     message = decode(channel.encode_done(slots.RING - 7, slot.last(20), 20, []))
     assert isinstance(message, Done) and message.first == slots.RING - 7
-    assert message.finished == [Finished(o, s, m) for o, s, m in outcomes]
+    assert message.records == [(s, m, OUTCOME_CODE[o]) for o, s, m in outcomes]
     assert message.errors == {}
 
 
@@ -80,7 +80,7 @@ def test_errors_keep_their_text_and_always_fit_one_message() -> None:
     data = channel.encode_done(0, slot.last(slots.RING), slots.RING, errors)
     assert len(data) <= MAX_MESSAGE
     message = decode(data)
-    assert isinstance(message, Done) and len(message.finished) == slots.RING
+    assert isinstance(message, Done) and len(message.records) == slots.RING
     assert sorted(message.errors) == list(range(slots.RING))
     assert all(text and set(text) == {"€"} for text in message.errors.values())
 
@@ -94,7 +94,7 @@ def test_reports_of_another_shape_do_not_decode() -> None:
     # worker code can write to its channel: a D message must hold reports or be dropped
     head = b"D" + struct.pack("=QH", 0, 1)
     good = struct.pack("=dHB", 1.0, 0, 0)
-    assert decode(head + good) == Done(0, [Finished("complete", 1.0, 0)], {})
+    assert decode(head + good) == Done(0, [(1.0, 0, 0)], {})
     for data in (
         b"D" + struct.pack("=QH", 0, 2) + good,  # fewer records than it says
         head + good[:-1],

@@ -14,8 +14,8 @@ from support import Gdriver, Gearmand, do, wait_for
 from gdriver import channel
 from gdriver.gearman import Job, JobFailed
 from gdriver.jobs import JobSpec, MethodSpec
-from gdriver.poison import report_of
 from gdriver.process import Child
+from gdriver.slots import OUTCOMES
 from gdriver.worker import Worker
 
 
@@ -41,9 +41,10 @@ def run_one(pair: tuple[socket.socket, socket.socket], body: Any) -> channel.Job
     messages = [channel.decode(theirs.recv(65536)) for _ in range(3)]
     assert isinstance(messages[0], channel.Busy) and isinstance(messages[2], channel.Idle)
     done = messages[1]
-    assert isinstance(done, channel.Done) and len(done.finished) == 1
-    (finished,) = done.finished
-    return report_of(finished, spec.functions, done.errors.get(done.first, ""))
+    assert isinstance(done, channel.Done) and len(done.records) == 1
+    ((seconds, method, code),) = done.records
+    error = done.errors.get(done.first, "")
+    return channel.JobReport(OUTCOMES[code], seconds, spec.functions[method], error)
 
 
 def test_a_result_of_the_wrong_type_fails_the_job(pair: Any) -> None:
@@ -77,7 +78,7 @@ def test_a_base_exception_fails_the_job_not_the_process(pair: Any, error: BaseEx
     child.answered(True)  # (the worker sent the failure to gearmand)
     child.report_idle()
     reports = [channel.decode(theirs.recv(65536)) for _ in range(3)][1]
-    assert isinstance(reports, channel.Done) and reports.finished[0].outcome == "exception"
+    assert isinstance(reports, channel.Done) and OUTCOMES[reports.records[0][2]] == "exception"
     name = type(error).__name__
     if isinstance(error, SystemExit):
         # the job asked for its process to end: it fails, then the process exits cleanly
