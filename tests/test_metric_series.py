@@ -4,13 +4,17 @@ the function/job pairs, and the duration buckets (their defaults and their valid
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from support import WORKERS
 
 from gdriver import cli, config
 from gdriver.gearman import FunctionStatus
 from gdriver.jobs import JobSpec, MethodSpec
-from gdriver.metrics import Metrics
+from gdriver.metrics import JobDurations, Metrics
 from gdriver.poller import Concern, Watch, default_watch, merged_status
 from gdriver.worker import Worker
 
@@ -201,3 +205,30 @@ def test_bad_duration_buckets_exit_78(capsys: pytest.CaptureFixture[str]) -> Non
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
     assert "duration_buckets (command line): must be increasing, got 5 then 1" in err
+
+
+@pytest.mark.parametrize("exposition", ["text", "openmetrics"])
+def test_job_durations_expose_what_a_prometheus_client_histogram_would(exposition: str) -> None:
+    # the supervisor counts durations itself (a batch of reports at a time); a scrape must
+    # not tell the difference from prometheus_client's own Histogram, observation by
+    # observation: bucket edges included (a duration equal to a bound is in that bucket)
+    generate = generate_latest if exposition == "text" else openmetrics.generate_latest
+    bounds = (0.005, 0.1, 1.0, 2.5, 60.0)
+    theirs = CollectorRegistry()
+    histogram = Histogram("gdriver_job_duration_seconds", "Time spent in a job, decode to encode.",
+                          ["job_name", "function"], buckets=bounds, registry=theirs)  # fmt: skip
+    ours = CollectorRegistry()
+    durations = JobDurations("gdriver_job_duration_seconds",
+                             "Time spent in a job, decode to encode.", bounds, ours)  # fmt: skip
+
+    def created_stamps_cut(data: bytes) -> bytes:  # the two series were made microseconds apart
+        return re.sub(rb"(_created\{[^}]*\}) \S+", rb"\1 T", data)
+
+    assert created_stamps_cut(generate(ours)) == created_stamps_cut(generate(theirs))  # none yet
+    observations = [("a.A.run", "a.A.run", v) for v in (0.0, 0.005, 0.0051, 1.0, 2.5, 61.0, 1e6)]
+    observations += [("a.A.group", "a.A.x", 0.1), ("a.A.group", "a.A.y", 0.2)]
+    for job_name, function, seconds in observations:
+        histogram.labels(job_name, function).observe(seconds)
+        durations.labels(job_name, function).observe(seconds)
+    assert created_stamps_cut(generate(ours)) == created_stamps_cut(generate(theirs))
+    assert b'le="0.005"} 2.0' in generate(ours)  # 0.0 and the bound itself
