@@ -23,6 +23,11 @@ from gdriver.loop import EventLoop, Timer
 
 OUTPUT_LINE_MAX = 64 * 1024  # longer lines of a worker's output are cut into records
 CHANNEL_READS = 256  # messages read per wake-up: let other work in between
+# every channel message is read into this one buffer (larger than any message, as a
+# SOCK_SEQPACKET read must be): a fresh 64 KiB bytes per read cost the supervisor a page
+# fault or two per message
+_message = bytearray(65536)
+_message_view = memoryview(_message)
 # messages read after the exit: more than a socket buffer holds (each message takes at least a
 # few hundred bytes of it); only a descendant still writing to the channel could reach it
 CHANNEL_DRAIN = 1 << 16
@@ -126,15 +131,15 @@ class ChildIO:
         assert self.loop is not None
         for _ in range(most):
             try:
-                data = self.channel.recv(65536)
+                n = self.channel.recv_into(_message)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self.loop.remove(self.channel)
                 return
-            self.on_message(data)
+            self.on_message(_message_view[:n].tobytes())
 
     def read_output(self, fd: int, most: int = OUTPUT_LINES) -> tuple[int, bool]:
         """A worker's stdout/stderr: each line becomes one JSON record, at most ``most`` of
