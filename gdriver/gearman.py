@@ -264,19 +264,6 @@ class Job:
             raw_unique if raw_unique is not None else unique.encode("utf-8", "surrogateescape")
         )
 
-    @classmethod
-    def assigned(cls, workload: bytes, name: str, handle: bytes, unique: bytes, conn: _Conn) -> Job:
-        """The job gearmand assigned on ``conn`` (what ``__init__`` makes of these arguments,
-        without its generic call: this runs for every job)."""
-        job = _new(cls)
-        job.workload = workload
-        job.function_name = name
-        job._conn = conn
-        job._gen = conn.gen
-        job._handle = handle
-        job._unique = unique
-        return job
-
     # decoded when asked for: most jobs never look at them
     @property
     def handle(self) -> str:
@@ -560,9 +547,6 @@ class GearmanWorker:
         self._hello = b"".join(hello)
         self._conns = [_Conn(s) for s in self.servers]
         self._poller: _Poller | None = None
-        self._objects: dict[
-            int, _Conn | None
-        ] = {}  # the poller's: fd -> connection (None: wake fd)
         self._confirmed = 0
         self._stopping = False
         self._should_stop: Callable[[], bool] = _never
@@ -634,7 +618,7 @@ class GearmanWorker:
         self._stopping = False
         self.close()
         poller = self._poller = _Poller()
-        self._objects = poller.objects
+        objects = poller.objects
         poll = poller.poll
         scale = poller.scale
         monotonic = time.monotonic
@@ -658,7 +642,16 @@ class GearmanWorker:
                     self._due = now + timeout
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
-                self._handle_events(events, now, on_wake)
+                for fd, ev in events:
+                    obj = objects.get(fd, _GONE)
+                    if obj is None:
+                        self._on_wake_fd(fd, on_wake)
+                    elif obj is _GONE:
+                        continue  # closed while handling an earlier event of this round
+                    elif ev == _IN and obj.state == _UP:
+                        self._read(obj, now)
+                    else:
+                        self._on_event(obj, ev, now)
                 if now >= self._due:
                     self._check_deadlines(now, events)
         finally:
@@ -719,29 +712,14 @@ class GearmanWorker:
                     timeout = min(timeout, again)
         return timeout
 
-    def _handle_events(
-        self,
-        events: list[tuple[int, int]],
-        now: float,
-        on_wake: Callable[[int], None] | None,
-    ) -> None:
-        objects = self._objects
-        for fd, ev in events:
-            obj = objects.get(fd, _GONE)
-            if obj is None:
-                self._due = 0.0
-                if on_wake is not None:
-                    on_wake(fd)
-                elif not _drain(fd):
-                    self._poller.unregister(fd)  # type: ignore[union-attr]
-                if not self._stopping and self._should_stop():
-                    self._stopping = True
-            elif obj is _GONE:
-                continue  # closed while handling an earlier event of this round
-            elif ev == _IN and obj.state == _UP:
-                self._read(obj, now)
-            else:
-                self._on_event(obj, ev, now)
+    def _on_wake_fd(self, fd: int, on_wake: Callable[[int], None] | None) -> None:
+        self._due = 0.0
+        if on_wake is not None:
+            on_wake(fd)
+        elif not _drain(fd):
+            self._poller.unregister(fd)  # type: ignore[union-attr]
+        if not self._stopping and self._should_stop():
+            self._stopping = True
 
     def forget(self) -> None:
         """In a process forked from this one (job code called ``os.fork``): close this
@@ -964,7 +942,8 @@ class GearmanWorker:
                     c.grabbing = False
                     if not c.confirmed:
                         self._confirm(c)
-                    self._run_job(c, parts)
+                    handle, fname, unique, workload = parts
+                    self._run_job(c, handle, fname, unique, workload)
                     if c.gen == gen and c.broken is not None:
                         self._drop(c, c.broken)
                     return
@@ -1083,7 +1062,10 @@ class GearmanWorker:
         c.grabbing = False
         if not c.confirmed:
             self._confirm(c)
-        self._run_job(c, parts)
+        if fields == 4:
+            self._run_job(c, *parts)
+        else:
+            self._run_job(c, parts[0], parts[1], b"", parts[2])
 
     def _on_no_job(self, c: _Conn, ptype: int, body: bytes) -> None:
         if not c.grabbing:
@@ -1167,19 +1149,22 @@ class GearmanWorker:
             self._stopping = True
         return self._stopping
 
-    def _run_job(self, c: _Conn, parts: list[bytes]) -> None:
-        if len(parts) == 4:
-            handle, fname, unique, workload = parts
-        else:
-            handle, fname, workload = parts
-            unique = b""
+    def _run_job(
+        self, c: _Conn, handle: bytes, fname: bytes, unique: bytes, workload: bytes
+    ) -> None:
         entry = self._handlers.get(fname)
         if entry is None:
             packet = _failure_packet(handle, b"function not registered by this worker")
             self.jobs_failed += 1
         else:
             name, handler = entry
-            job = Job.assigned(workload, name, handle, unique, c)
+            job = _new(Job)  # Job(workload, name, "", "", c, handle, unique), minus its call
+            job.workload = workload
+            job.function_name = name
+            job._handle = handle
+            job._unique = unique
+            job._conn = c
+            job._gen = c.gen
             try:
                 result = handler(job)
                 if type(result) is not bytes:
@@ -1197,7 +1182,9 @@ class GearmanWorker:
                 job._gen = _FINISHED
         if c.broken is None:
             # _answer() inlined: the result and the next grab in one write
-            if not self._stopping and not self._stop_now():
+            if not self._stopping and self._should_stop():
+                self._stopping = True
+            if not self._stopping:
                 packet += c.grab
                 c.grabbing = True
                 c.deadline = time.monotonic() + self.reply_timeout

@@ -5,6 +5,9 @@ measured in turn (the order rotates every round):
 
 - ``gdriver``: a gdriver run with one job, min = max = 1 (``benchjobs.echo``);
 - ``pygearman``: a bare ``gearman.GearmanWorker`` loop (bench/pyworker.py);
+- ``python``: the least a Python worker process does per job (bench/pyfloor.py: an epoll
+  wait, a recv and a send, nothing else): the floor under any Python worker, so that what
+  gdriver's features cost and what the language costs are told apart;
 - ``c``: the C worker ``gearman -w -f FN`` (libgearman; with no command it writes the
   workload to its stdout and returns an empty result: the bare libgearman worker loop).
 
@@ -21,7 +24,9 @@ from typing import Any
 import harness as h
 
 GDRIVER_FN = "benchjobs.echo.Echo.echo"
-CONTENDERS = ("gdriver", "pygearman", "c")
+CONTENDERS = ("gdriver", "pygearman", "python", "c")
+#: The pipelined ratio to the C worker asked of gdriver with gearmand --threads=1.
+RATIO_GOAL = 0.9
 HEADLINE = "threads=default(4)"
 
 
@@ -33,9 +38,11 @@ class Setup:
         self.gdriver: h.Gdriver | None = None
         self.pyworker: Any = None
         self.cworker: Any = None
+        self.floor: Any = None
         self.functions = {
             "gdriver": GDRIVER_FN,
             "pygearman": "bench.pygearman.echo",
+            "python": "bench.python.echo",
             "c": "bench.c.echo",
         }
 
@@ -45,6 +52,10 @@ class Setup:
                                 "-p", str(g.port)])  # fmt: skip
         self.pyworker = h.start(
             [h.PYTHON, str(h.BENCH / "pyworker.py"), g.address, self.functions["pygearman"]],
+            env=h.clean_env(),
+        )
+        self.floor = h.start(
+            [h.PYTHON, str(h.BENCH / "pyfloor.py"), h.HOST, str(g.port), self.functions["python"]],
             env=h.clean_env(),
         )
         self.gdriver = h.Gdriver(g, "benchjobs.echo").start()
@@ -67,13 +78,14 @@ class Setup:
             if kids:
                 out["gdriver_child"] = kids[0]
             return out
-        proc = self.pyworker if who == "pygearman" else self.cworker
+        proc = {"pygearman": self.pyworker, "python": self.floor}.get(who, self.cworker)
         return {who: proc.pid}
 
     def stop(self) -> None:
         if self.gdriver is not None:
             self.gdriver.stop()
         h.stop(self.pyworker)
+        h.stop(self.floor)
         h.stop(self.cworker)
         self.gearmand.stop()
 
@@ -121,7 +133,7 @@ def run(ctx: h.Context) -> dict[str, Any]:
         per: dict[str, Any] = {}
         for mode, by in modes.items():
             entry: dict[str, Any] = {c: h.summary(r["rate"] for r in by[c]) for c in CONTENDERS}
-            for c in ("gdriver", "pygearman"):
+            for c in ("gdriver", "pygearman", "python"):
                 # ratios within each round: the contenders ran back to back
                 entry[f"ratio_{c}_to_c"] = h.summary(
                     a["rate"] / b["rate"] for a, b in zip(by[c], by["c"], strict=True)
@@ -182,7 +194,8 @@ def run(ctx: h.Context) -> dict[str, Any]:
             f"82 us), C worker {cpu_seq['c']:.1f} us; pipelined: supervisor "
             f"{cpu_pipe.get('gdriver_supervisor', float('nan')):.1f} us, child "
             f"{cpu_pipe.get('gdriver_child', float('nan')):.1f} us, C worker "
-            f"{cpu_pipe['c']:.1f} us, pygearman {cpu_pipe['pygearman']:.1f} us",
+            f"{cpu_pipe['c']:.1f} us, pygearman {cpu_pipe['pygearman']:.1f} us, bare Python "
+            f"loop {cpu_pipe['python']:.1f} us",
         }
     )
     one = out["servers"].get("threads=1")
@@ -196,12 +209,35 @@ def run(ctx: h.Context) -> dict[str, Any]:
                 "perl": "-",
                 "target": ">= 15.3 k",
                 "pass": p1["gdriver"]["median"] >= 15_300,
-                "note": f"C worker {p1['c']['median']:.0f}/s, ratio "
-                f"{p1['ratio_gdriver_to_c']['median']:.2f}; pygearman "
-                f"{p1['pygearman']['median']:.0f}/s; CPU per job: child "
+                "note": f"C worker {p1['c']['median']:.0f}/s, pygearman "
+                f"{p1['pygearman']['median']:.0f}/s, bare Python loop "
+                f"{p1['python']['median']:.0f}/s; CPU per job: child "
                 f"{p1['cpu_us_per_job'].get('gdriver_child', float('nan')):.1f} us, C worker "
-                f"{p1['cpu_us_per_job']['c']:.1f} us, supervisor "
+                f"{p1['cpu_us_per_job']['c']:.1f} us, bare Python loop "
+                f"{p1['cpu_us_per_job']['python']:.1f} us, supervisor "
                 f"{p1['cpu_us_per_job'].get('gdriver_supervisor', float('nan')):.1f} us",
+            },
+            {
+                "figure": "    as a ratio to the C worker (same run)",
+                "value": p1["ratio_gdriver_to_c"]["median"],
+                "unit": "x",
+                "perl": "-",
+                "target": f">= {RATIO_GOAL}",
+                "pass": p1["ratio_gdriver_to_c"]["median"] >= RATIO_GOAL,
+                "note": f"range {p1['ratio_gdriver_to_c']['min']:.2f}-"
+                f"{p1['ratio_gdriver_to_c']['max']:.2f} over the rounds",
+            },
+            {
+                "figure": "    the bare Python loop's ratio to the C worker",
+                "value": p1["ratio_python_to_c"]["median"],
+                "unit": "x",
+                "perl": "-",
+                "target": "-",
+                "pass": None,
+                "note": "bench/pyfloor.py, the most a Python worker process makes here "
+                f"(range {p1['ratio_python_to_c']['min']:.2f}-"
+                f"{p1['ratio_python_to_c']['max']:.2f}); gdriver makes "
+                f"{p1['gdriver']['median'] / p1['python']['median']:.2f} x of it",
             },
             {
                 "figure": "  one at a time, gearmand --threads=1",
