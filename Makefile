@@ -7,7 +7,7 @@ GEARMAND_PORT ?= 4730
 RUN_ARGS ?=
 LINT_PATHS := $(wildcard gdriver tests bench examples)
 
-.PHONY: install system-deps tools run stop test lint format bench deploy-check clean
+.PHONY: install system-deps bench-deps tools run stop test lint format bench deploy-check clean
 
 install: $(VENV)/.installed
 
@@ -78,7 +78,13 @@ format: install
 deploy-check: tools
 	deploy/check.sh
 
-bench: install system-deps
+# the bench's instructions section counts a worker's instructions (valgrind) and system
+# calls (strace) per job: the deterministic figures of the job path
+BENCH_PACKAGES := valgrind strace
+bench-deps:
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(BENCH_PACKAGES)"
+
+bench: install system-deps bench-deps
 	$(PY) bench/run.py
 
 clean:
