@@ -13,8 +13,9 @@ packet, never its stdout.  The first byte of a message is its tag.  Child -> sup
   and reads its jobs from the process's slot; ``count`` (2 bytes) records follow, each as
   the slot's ring holds it (``gdriver.slots``: seconds, the function's index in the job,
   the outcome's index in ``complete``, ``fail``, ``exception``): the child copies them, it
-  does not format them. Then, when some failed with a message, ``[[n, error], ...]`` in
-  JSON (``n``: the job's number). Sent at least every 50 ms and before going idle, so a
+  does not format them (and the supervisor drops a message whose records the slot does not
+  hold: worker code can write to its channel). Then, when some failed with a message,
+  ``[[n, error], ...]`` in JSON (``n``: the job's number). Sent at least every 50 ms and before going idle, so a
   process streaming jobs sends a few messages a second, not two per job.
 - ``I``: idle: no work for 50 ms (every connection asleep); a process that goes straight
   from one job to the next stays busy and sends nothing between them
@@ -103,6 +104,7 @@ class Done(NamedTuple):
     first: int  # the number of the first job among the process's finished jobs
     records: list[tuple[float, int, int]]  # seconds, the function's index, the outcome's
     errors: dict[int, str]  # job number -> error message, for failures that have one
+    data: bytes  # the records as sent: the slot's ring records of these jobs
 
 
 class Idle(NamedTuple):
@@ -211,10 +213,11 @@ def decode(data: bytes) -> Message | None:
         if tag == DONE:
             first, count = _DONE_HEAD.unpack_from(body)
             end = _DONE_HEAD.size + count * DONE_SIZE
-            jobs = records(body[_DONE_HEAD.size : end])
+            data = body[_DONE_HEAD.size : end]
+            jobs = records(data)
             if len(jobs) != count:
                 return None
-            return Done(first, jobs, _errors(body[end:]))
+            return Done(first, jobs, _errors(body[end:]), data)
         if tag == BUSY:
             return Busy(body.decode("utf-8", "replace"))
         if tag == IDLE:

@@ -54,7 +54,10 @@ class Reports:
                     and all(p.busy for p in job.processes.values() if not p.retiring)
                 ):
                     d.poller.request()
-            case channel.Done(first, records, errors):
+            case channel.Done(first, records, errors, raw):
+                if d.board.holds(proc.pid, first, raw) is False:
+                    self.bad_report(proc, "a report of jobs its slot does not hold", data)
+                    return
                 proc.busy_since = now
                 if first > proc.reported:  # a message was lost: its jobs are in the slot
                     self.on_jobs_done(job, proc, d.poison.unsent(proc, first, live=True))

@@ -96,6 +96,18 @@ def records(data: bytes) -> list[tuple[float, int, int]]:
     return list(_DONE.iter_unpack(data))
 
 
+def _ring_records(buffer: mmap.mmap | bytearray, at: int, first: int, n: int) -> bytes:
+    """The ring records of the slot at ``at`` for jobs ``first`` to ``first + n - 1`` (n at
+    most RING, the last ones finished), in job order."""
+    ring = at + _RING_AT
+    start = first % RING
+    end = start + n
+    if end <= RING:
+        return bytes(buffer[ring + start * _DONE_SIZE : ring + end * _DONE_SIZE])
+    head = bytes(buffer[ring + start * _DONE_SIZE : ring + RING * _DONE_SIZE])
+    return head + bytes(buffer[ring : ring + (end - RING) * _DONE_SIZE])
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
@@ -158,15 +170,7 @@ class Slot:
     def last(self, n: int) -> bytes:
         """The ring's records of the last ``n`` finished jobs (at most RING), oldest first:
         what a ``D`` message carries (``gdriver.channel``)."""
-        ring = self.at + _RING_AT
-        first = (self.done - n) % RING
-        end = first + n
-        if end <= RING:
-            return bytes(self.buffer[ring + first * _DONE_SIZE : ring + end * _DONE_SIZE])
-        wrapped = (end - RING) * _DONE_SIZE
-        return bytes(self.buffer[ring + first * _DONE_SIZE : ring + RING * _DONE_SIZE]) + bytes(
-            self.buffer[ring : ring + wrapped]
-        )
+        return _ring_records(self.buffer, self.at, self.done - n, n)
 
     def detach(self) -> None:
         """In a process forked from the slot's process (job code called ``os.fork``): write
@@ -264,6 +268,23 @@ class Board:
                                  handle, unique)  # fmt: skip
             return SlotState(finished, running)
         return SlotState(_COUNT.unpack_from(buffer, at + 8)[0], None)
+
+    def holds(self, pid: int, first: int, data: bytes) -> bool | None:
+        """Whether ``data`` is what ``pid``'s ring holds for its jobs from number ``first``:
+        a process writes each job there before it reports it, so a report of jobs it has not
+        finished, or of other records, did not come from gdriver's code (worker code can
+        write to its channel). None: it cannot be told (no slot, or the ring has moved on)."""
+        index = self.by_pid.get(pid, -1)
+        if index < 0:
+            return None
+        at = _SLOTS_AT + index * RECORD
+        n = len(data) // _DONE_SIZE
+        if first + n > _COUNT.unpack_from(self.buffer, at + 8)[0]:
+            return False
+        held = _ring_records(self.buffer, at, first, n)
+        if first + RING <= _COUNT.unpack_from(self.buffer, at + 8)[0]:
+            return None  # written over (job first + RING finished) before or while read
+        return held == data
 
     def finished_range(self, pid: int, first: int, end: int, live: bool) -> list[Finished]:
         """The outcomes of ``pid``'s jobs ``first`` to ``end - 1`` (numbered from 0, as its

@@ -42,7 +42,7 @@ def test_every_message_decodes_to_what_was_encoded() -> None:
     slot = finished_jobs([("complete", 0.5, 0), ("fail", 0.25, 1)], before=5)
     data = channel.encode_done(5, slot.last(2), 2, [(6, "TypeError: no")])
     expected = [(0.5, 0, OUTCOME_CODE["complete"]), (0.25, 1, OUTCOME_CODE["fail"])]
-    assert decode(data) == Done(5, expected, {6: "TypeError: no"})
+    assert decode(data) == Done(5, expected, {6: "TypeError: no"}, slot.last(2))
 
 
 def test_the_tags_are_the_wire_format() -> None:
@@ -94,7 +94,7 @@ def test_reports_of_another_shape_do_not_decode() -> None:
     # worker code can write to its channel: a D message must hold reports or be dropped
     head = b"D" + struct.pack("=QH", 0, 1)
     good = struct.pack("=dHB", 1.0, 0, 0)
-    assert decode(head + good) == Done(0, [(1.0, 0, 0)], {})
+    assert decode(head + good) == Done(0, [(1.0, 0, 0)], {}, good)
     for data in (
         b"D" + struct.pack("=QH", 0, 2) + good,  # fewer records than it says
         head + good[:-1],

@@ -97,3 +97,27 @@ def test_a_lost_report_message_is_read_from_the_slot_and_nothing_twice() -> None
     assert death.running is None
     assert series(d, "gdriver_jobs_total") == {("job", "f", "complete"): 6.0}
     assert series(d, "gdriver_job_duration_seconds_count") == {("job", "f", ""): 6.0}
+
+
+def test_a_report_the_slot_does_not_hold_counts_nothing_and_nothing_twice() -> None:
+    # worker code can write to its channel: a D message numbered beyond the jobs the process
+    # finished had the supervisor read the slot for "lost" messages, count those jobs, then
+    # count them again when their real report arrived; one with made-up records was counted
+    d, _, proc = driver_with_job()
+    index = d.board.claim()
+    child = slots.child_slot()
+    d.board.bind(proc.pid, index)
+    for n in range(4):
+        child.begin(0, "f", b"H:%d" % n, b"", 0.0)
+        child.finish(0, 0.25)
+    d.reports.on_message(proc, done(1000, [(0.25, 0, 0)]))  # jobs it never finished
+    d.reports.on_message(proc, done(3, [(0.25, 0, 0)] * 2))  # one past the slot's count
+    d.reports.on_message(proc, done(2, [(0.5, 0, 0)]))  # job 2 as it was not
+    d.reports.on_message(proc, done(2, [(0.25, 1, 0)]))
+    assert series(d, "gdriver_jobs_total") == {}
+    assert proc.bad_reports == 4 and proc.reported == 0
+    d.reports.on_message(proc, done(0, [(0.25, 0, 0)] * 4))  # the real report
+    assert series(d, "gdriver_jobs_total") == {("job", "f", "complete"): 4.0}
+    assert series(d, "gdriver_job_duration_seconds_count") == {("job", "f", ""): 4.0}
+    assert proc.reported == 4 and proc.bad_reports == 4
+    child.release()
