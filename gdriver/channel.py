@@ -15,8 +15,9 @@ packet, never its stdout.  The first byte of a message is its tag.  Child -> sup
   the outcome's index in ``complete``, ``fail``, ``exception``): the child copies them, it
   does not format them (and the supervisor drops a message whose records the slot does not
   hold: worker code can write to its channel). Then, when some failed with a message,
-  ``[[n, error], ...]`` in JSON (``n``: the job's number). Sent at least every 50 ms and before going idle, so a
-  process streaming jobs sends a few messages a second, not two per job.
+  ``[[n, error], ...]`` in JSON (``n``: the job's number). Sent at least every 50 ms and
+  before going idle, so a process streaming jobs sends a few messages a second, not two per
+  job.
 - ``I``: idle: no work for 50 ms (every connection asleep); a process that goes straight
   from one job to the next stays busy and sends nothing between them
 - ``L<json>``: a log record, already formatted

@@ -62,7 +62,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, overload
 
 from gdriver.codec import (
     HEADER_SIZE,
@@ -227,6 +227,30 @@ _FINISHED = -1
 _new = object.__new__
 
 
+class _Text:
+    """A job's handle or unique as text: what a hand-made job was given (or was set to),
+    else its raw bytes decoded when first asked for (not UTF-8: surrogate escapes)."""
+
+    def __init__(self, raw: str, text: str) -> None:
+        self.raw, self.text = raw, text
+
+    @overload
+    def __get__(self, job: None, owner: Any = None) -> _Text: ...
+    @overload
+    def __get__(self, job: Job, owner: Any = None) -> str: ...
+    def __get__(self, job: Job | None, owner: Any = None) -> _Text | str:
+        if job is None:
+            return self
+        text = getattr(job, self.text)
+        if text is None:
+            text = getattr(job, self.raw).decode("utf-8", "surrogateescape")
+            setattr(job, self.text, text)
+        return text
+
+    def __set__(self, job: Job, value: str) -> None:
+        setattr(job, self.text, value)
+
+
 class Job:
     """What a handler receives: one job assigned by gearmand.
 
@@ -241,7 +265,10 @@ class Job:
     RuntimeError.
     """
 
-    __slots__ = ("_conn", "_gen", "_handle", "_unique", "function_name", "workload")
+    __slots__ = (
+        "_conn", "_gen", "_handle", "_handle_text", "_unique", "_unique_text", "function_name",
+        "workload",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -255,6 +282,8 @@ class Job:
     ) -> None:
         self.workload = workload
         self.function_name = function_name
+        self._handle_text: str | None = handle
+        self._unique_text: str | None = unique
         self._conn = conn
         self._gen = conn.gen if conn is not None else 0
         self._handle = (
@@ -264,14 +293,9 @@ class Job:
             raw_unique if raw_unique is not None else unique.encode("utf-8", "surrogateescape")
         )
 
-    # decoded when asked for: most jobs never look at them
-    @property
-    def handle(self) -> str:
-        return self._handle.decode("utf-8", "surrogateescape")
-
-    @property
-    def unique(self) -> str:
-        return self._unique.decode("utf-8", "surrogateescape")
+    # a job from gearmand has them decoded when asked for: most jobs never look at them
+    handle = _Text("_handle", "_handle_text")
+    unique = _Text("_unique", "_unique_text")
 
     def __repr__(self) -> str:
         return (
@@ -638,8 +662,12 @@ class GearmanWorker:
                     # later, so nothing is due before _due
                     timeout = self._due - now
                 else:
+                    self._due = now  # a drop while the timers run resets it: then look again
                     timeout = self._serve_timeout(now, on_idle)
-                    self._due = now + timeout
+                    if self._due:
+                        self._due = now + timeout
+                    else:
+                        timeout = 0.0
                 events = poll(timeout * scale if timeout > 0.0 else 0.0)
                 now = monotonic()
                 for fd, ev in events:
@@ -925,6 +953,9 @@ class GearmanWorker:
         if not n:
             self._drop(c, "connection closed by server")
             return
+        if now - c.last_rx >= STALLED:
+            # the timers last saw it silent, so not busy (on_idle was told): look again
+            self._due = 0.0
         c.last_rx = now
         if n > HEADER_SIZE and c.grabbing and not c.skip and not c.inbuf:
             # what nearly every read is: one whole JOB_ASSIGN_UNIQ and nothing else; its
@@ -1163,6 +1194,7 @@ class GearmanWorker:
             job.function_name = name
             job._handle = handle
             job._unique = unique
+            job._handle_text = job._unique_text = None
             job._conn = c
             job._gen = c.gen
             try:

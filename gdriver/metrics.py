@@ -19,6 +19,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -267,7 +268,13 @@ class JobDurations:
                 running += n
                 buckets.append((le, float(running)))
             family.add_metric(labels, buckets, series.sum)
-            family.add_sample(
-                f"{self.name}_created", dict(zip(self.LABELS, labels, strict=True)), series.created
-            )
+            if _created_series():
+                names = dict(zip(self.LABELS, labels, strict=True))
+                family.add_sample(f"{self.name}_created", names, series.created)
         yield family
+
+
+def _created_series() -> bool:
+    """Whether prometheus_client exports ``_created`` series (PROMETHEUS_DISABLE_CREATED_SERIES,
+    ``disable_created_metrics()``): its own Histogram follows the same switch."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))

@@ -1168,3 +1168,61 @@ def test_parse_status_skips_malformed_lines() -> None:
     assert status["over"].waiting == 0
     with pytest.raises(AttributeError):
         status["good"].total = 1  # type: ignore[misc]
+
+
+def test_a_job_after_a_silence_still_lets_the_worker_say_it_is_idle() -> None:
+    # A grab answered only after STALLED seconds: meanwhile the worker counted as idle (on_idle
+    # was told) and its timers were put off until the poll interval. The job that then came
+    # must bring them back: after it, on_idle comes about STALLED later, not at the poll
+    # interval (in gdriver the process's last report and its idle message waited 4.5 s).
+    listener = socket.create_server((HOST, 0))
+    answered: list[float] = []
+    idle: list[float] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buf, grabs = b"", 0
+            while chunk := conn.recv(65536):
+                buf += chunk
+                while len(buf) >= 12 and len(buf) >= 12 + HEADER.unpack_from(buf)[2]:
+                    _, ptype, size = HEADER.unpack_from(buf)
+                    buf = buf[12 + size :]
+                    if ptype == P.GRAB_JOB_UNIQ:
+                        grabs += 1
+                        if grabs <= 2:  # the first at once, the second after 1.5 s
+                            time.sleep(1.5 if grabs == 2 else 0.0)
+                            conn.sendall(res(P.JOB_ASSIGN_UNIQ, b"H:%d" % grabs, b"f", b"", b"w"))
+                        # the third grab is never answered
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    worker = GearmanWorker([(HOST, listener.getsockname()[1])], {"f": lambda job: b"ok"})
+    worker.poll_interval = 5.0  # as in a gdriver worker process
+    worker.on_answered = lambda sent: answered.append(time.monotonic())
+
+    def on_idle() -> None:
+        idle.append(time.monotonic())
+
+    try:
+        deadline = time.monotonic() + 6.0
+        worker.work(lambda: len(answered) == 2 and time.monotonic() > deadline, on_idle=on_idle)
+    finally:
+        listener.close()
+        server.join(5)
+    assert len(answered) == 2
+    after = [t - answered[1] for t in idle if t > answered[1]]
+    assert after and after[0] <= 2.5, after  # STALLED (1 s) after the job, not 4.5 s
+
+
+def test_a_job_keeps_the_handle_and_unique_it_was_given() -> None:
+    # a job from gearmand decodes its raw handle and unique when asked; a hand-made one keeps
+    # what it was given, and both can be set without touching what is sent to gearmand
+    job = Job(b"w", "f", "shown", "u", None, b"raw", b"r")
+    assert (job.handle, job.unique, job._handle, job._unique) == ("shown", "u", b"raw", b"r")
+    job.handle, job.unique = "set", "other"
+    assert (job.handle, job.unique, job._handle, job._unique) == ("set", "other", b"raw", b"r")
+    seen: list[tuple[str, str]] = []
+    worker = GearmanWorker([(HOST, 1)], {"f": lambda job: seen.append((job.handle, job.unique))})
+    worker._run_job(worker._conns[0], b"H:\xff", b"f", b"u\xfe", b"w")  # not connected: no send
+    assert seen == [("H:\udcff", "u\udcfe")]  # bytes that are not UTF-8 as surrogate escapes

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.openmetrics import exposition as openmetrics
 from support import WORKERS
 
@@ -207,8 +208,13 @@ def test_bad_duration_buckets_exit_78(capsys: pytest.CaptureFixture[str]) -> Non
     assert "duration_buckets (command line): must be increasing, got 5 then 1" in err
 
 
+@pytest.mark.parametrize("created", [True, False], ids=["created", "no_created"])
 @pytest.mark.parametrize("exposition", ["text", "openmetrics"])
-def test_job_durations_expose_what_a_prometheus_client_histogram_would(exposition: str) -> None:
+def test_job_durations_expose_what_a_prometheus_client_histogram_would(
+    exposition: str, created: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (prometheus_client's switch for _created series: PROMETHEUS_DISABLE_CREATED_SERIES)
+    monkeypatch.setattr(prometheus_metrics, "_use_created", created)
     # the supervisor counts durations itself (a batch of reports at a time); a scrape must
     # not tell the difference from prometheus_client's own Histogram, observation by
     # observation: bucket edges included (a duration equal to a bound is in that bucket)
