@@ -324,7 +324,10 @@ class Child:
         """The worker failed a job without running it (its packet is over the limit)."""
         self.jobs_done += 1
         # in the slot too, begun and finished, so its reports stay numbered as the slot's jobs
-        index = self.spec.functions.index(function) if function in self.spec.functions else 0
+        # (a function the job does not serve, as only a broken server can send: an index it
+        # has not, so the supervisor counts it under no function's series, as before)
+        functions = self.spec.functions
+        index = functions.index(function) if function in functions else len(functions)
         raw = handle.encode("utf-8", "surrogateescape")
         slot = self.slot
         slot.begin(index, function, raw, b"", time.perf_counter())

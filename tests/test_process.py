@@ -124,3 +124,19 @@ def test_max_packet_size_reaches_the_worker_processes(raising: Gdriver, gearmand
     assert b"larger than max_packet_size (1048576 bytes)" in message
     assert do(gearmand.address, "raising.pid", b"").result == pid  # same process, same link
     wait_for(lambda: "max_packet_size" in (raising.console("show raising.raising")[0]), 10)
+
+
+def test_a_rejected_job_of_a_function_the_job_lacks_counts_under_none_of_its_functions(
+    pair: Any,
+) -> None:
+    # only a broken server assigns a function a worker did not register: its failure must
+    # not be counted as a failure of the job's first function
+    ours, theirs = pair
+    spec = JobSpec("t", Worker(), [MethodSpec("t.f", "f", lambda worker, job, workload: b"")])
+    child = Child(spec, ours, 0, 0.0)
+    child.rejected("t.other", "H:1", "job packet of 99 bytes is larger than max_packet_size")
+    done = channel.decode(theirs.recv(65536))
+    assert isinstance(done, channel.Done)
+    ((_, method, code),) = done.records
+    assert method == len(spec.functions) and OUTCOMES[code] == "fail"
+    assert done.errors == {0: "job packet of 99 bytes is larger than max_packet_size"}
