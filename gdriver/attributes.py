@@ -115,6 +115,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 BY_NAME: dict[str, Attribute] = {a.name: a for a in ATTRIBUTES}
 NAMES = tuple(BY_NAME)
 RUNTIME_NAMES = tuple(a.name for a in ATTRIBUTES if a.runtime)
+#: What a job has when nothing sets an attribute (None: see its ``meaning``).
+DEFAULTS: dict[str, Any] = {a.name: a.default for a in ATTRIBUTES}
 
 
 def nearest(name: str, names: Iterable[str], prefix: str = "") -> str:
@@ -157,7 +159,7 @@ def check_all(
 def limits(values: Mapping[str, Any]) -> tuple[int, int]:
     """(min, max) processes with the defaults: min 1, max max(1, min)."""
     low = values.get("min_processes")
-    low = 1 if low is None else low
+    low = DEFAULTS["min_processes"] if low is None else low
     high = values.get("max_processes")
     high = max(1, low) if high is None else high
     if low > high:

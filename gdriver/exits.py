@@ -77,9 +77,15 @@ def died_young(lived: float, jobs_done: int) -> bool:
     return lived < YOUNG and jobs_done == 0
 
 
+def doubling(base: float, attempts: int, most: float) -> float:
+    """An exponential backoff: ``base`` after the first of ``attempts`` (>= 1) failures in a
+    row, twice as long after each more, never above ``most``."""
+    return float(min(base * 2 ** min(attempts - 1, 64), most))
+
+
 def backoff_delay(failures: int) -> float:
     """Seconds before the next start after ``failures`` consecutive young deaths (>= 1)."""
-    return float(min(BACKOFF_BASE * 2 ** min(failures - 1, 64), BACKOFF_MAX))
+    return doubling(BACKOFF_BASE, failures, BACKOFF_MAX)
 
 
 def crash_loop(failures: int, exit: Exit, young: bool) -> tuple[int, float]:

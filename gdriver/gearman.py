@@ -1213,14 +1213,7 @@ class GearmanWorker:
                 job._conn = None
                 job._gen = _FINISHED
         if c.broken is None:
-            # _answer() inlined: the result and the next grab in one write
-            if not self._stopping and self._should_stop():
-                self._stopping = True
-            if not self._stopping:
-                packet += c.grab
-                c.grabbing = True
-                c.deadline = time.monotonic() + self.reply_timeout
-            c.write(packet)
+            self._answer(c, packet)
         if entry is not None and self.on_answered is not None:
             # no syscall of its own: whether the write above took the answer; a connection
             # gearmand broke is reconnected as ever (gearmand re-queues the job), a descriptor
@@ -1229,7 +1222,9 @@ class GearmanWorker:
 
     def _answer(self, c: _Conn, packet: bytes) -> None:
         """Send a job's result together with the next grab (unless stopping), in one write."""
-        if not self._stopping and not self._stop_now():
+        if not self._stopping and self._should_stop():  # (_stop_now() without its call)
+            self._stopping = True
+        if not self._stopping:
             packet += c.grab
             c.grabbing = True
             c.deadline = time.monotonic() + self.reply_timeout

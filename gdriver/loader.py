@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
-from gdriver.attributes import RUNTIME_NAMES, check_all, limits, nearest
+from gdriver.attributes import DEFAULTS, RUNTIME_NAMES, check_all, limits, nearest
 from gdriver.jobs import JobSpec, MethodSpec
 from gdriver.worker import Worker, job_methods, merged_attributes, name_prefix
 
@@ -221,9 +221,9 @@ def apply_attributes(
         spec.min_processes, spec.max_processes = limits(attrs)
     except ValueError as exc:
         raise LoadError(f"job {spec.name}: {exc}") from None
-    spec.timeout = attrs.get("timeout", 0.0)
-    spec.max_jobs_per_process = attrs.get("max_jobs_per_process")
-    spec.max_process_lifetime = attrs.get("max_process_lifetime")
+    spec.timeout = attrs.get("timeout", DEFAULTS["timeout"])
+    spec.max_jobs_per_process = attrs.get("max_jobs_per_process", DEFAULTS["max_jobs_per_process"])
+    spec.max_process_lifetime = attrs.get("max_process_lifetime", DEFAULTS["max_process_lifetime"])
 
 
 def check_unique(specs: Iterable[JobSpec]) -> None:

@@ -328,13 +328,10 @@ class Child:
         # has not, so the supervisor counts it under no function's series, as before)
         functions = self.spec.functions
         index = functions.index(function) if function in functions else len(functions)
-        raw = handle.encode("utf-8", "surrogateescape")
-        slot = self.slot
-        slot.begin(index, function, raw, b"", time.perf_counter())
-        slot.finish(slots.OUTCOME_CODE["fail"], 0.0)
-        self.unreported += 1
-        self.errors.append((slot.done - 1, message[:MAX_ERROR]))
-        self.flush()
+        self.pending_end = now = time.perf_counter()
+        self.slot.begin(index, function, handle.encode("utf-8", "surrogateescape"), b"", now)
+        self.pending = (slots.OUTCOME_CODE["fail"], 0.0, message[:MAX_ERROR], function)
+        self.answered(True)  # its failure went to gearmand before this was called
 
     def job_failed(self, function: str, error: BaseException) -> tuple[str, str]:
         """Log a failed job and decide what follows: (outcome, message)."""

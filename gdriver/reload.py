@@ -39,15 +39,7 @@ def load_new(driver: Driver) -> tuple[config.Settings, list[JobSpec]]:
     assert driver.reload_settings is not None
     try:
         new = driver.reload_settings()
-        specs = loader.load(
-            new.namespaces,
-            new.lib,
-            new.worker_options,
-            new.job_runtime_attributes,
-            new.server,
-            driver.wanted,
-        )
-        loader.check_unique([*driver.manual_specs, *specs])
+        specs = driver.load_specs(new)
     except (config.ConfigError, loader.LoadError) as exc:
         raise ReloadRefused(str(exc)) from None
     except BaseException as exc:  # worker code at import: sys.exit(), KeyboardInterrupt, ...

@@ -13,6 +13,7 @@ from gdriver import channel, logs
 from gdriver.jobs import JobState, Process
 from gdriver.logs import log_event
 from gdriver.metrics import DurationSeries
+from gdriver.poison import function_of
 from gdriver.slots import OUTCOME_CODE, OUTCOMES
 
 if TYPE_CHECKING:
@@ -62,14 +63,9 @@ class Reports:
                 if first > proc.reported:  # a message was lost: its jobs are in the slot
                     self.on_jobs_done(job, proc, d.poison.unsent(proc, first, live=True))
                 proc.reported = max(proc.reported, first + len(records))
-                names, known = proc.functions, len(proc.functions)
+                names = proc.functions
                 reports = [
-                    (
-                        OUTCOMES[code],
-                        seconds,
-                        names[method] if method < known else "?",
-                        errors.get(first + i, "") if errors else "",
-                    )
+                    (OUTCOMES[code], seconds, function_of(names, method), errors.get(first + i, ""))
                     for i, (seconds, method, code) in enumerate(records)
                 ]
                 self.on_jobs_done(job, proc, reports)

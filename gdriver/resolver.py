@@ -395,7 +395,7 @@ class Resolver:
             message = f"cannot resolve gearmand host {name}: {error}{kept}"
             log_event(log, logging.WARNING, message, "resolve_failed", server=name, error=error)
         entry.failures += 1
-        entry.next_lookup = now + min(RETRY_MIN * 2 ** (entry.failures - 1), self.refresh)
+        entry.next_lookup = now + exits.doubling(RETRY_MIN, entry.failures, self.refresh)
         if entry.error != error:
             entry.error = error
             if not entry.addrs:

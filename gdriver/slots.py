@@ -297,12 +297,12 @@ class Board:
         at = _SLOTS_AT + index * RECORD
         buffer = self.buffer
         finished = _COUNT.unpack_from(buffer, at + 8)[0]
-        out = []
-        for n in range(max(first, finished - RING), min(end, finished)):
-            place = at + _RING_AT + (n % RING) * _DONE.size
-            seconds, method, code = _DONE.unpack_from(buffer, place)
-            outcome = OUTCOMES[code] if code < len(OUTCOMES) else "fail"
-            out.append((n, Finished(outcome, seconds, method)))
+        start = max(first, finished - RING)
+        data = _ring_records(buffer, at, start, max(0, min(end, finished) - start))
+        out = [
+            (n, Finished(OUTCOMES[code] if code < len(OUTCOMES) else "fail", seconds, method))
+            for n, (seconds, method, code) in enumerate(_DONE.iter_unpack(data), start)
+        ]
         if live:  # job n's entry is written over by job n + RING, before that one counts
             after = _COUNT.unpack_from(buffer, at + 8)[0]
             return [f for n, f in out if n + RING > after]

@@ -146,4 +146,4 @@ class SpawnFailures:
 
 def retry_delay(attempts: int) -> float:
     """Seconds before the next start after ``attempts`` failed ones in a row (>= 1)."""
-    return float(min(RETRY_BASE * 2 ** min(attempts - 1, 32), RETRY_MAX))
+    return exits.doubling(RETRY_BASE, attempts, RETRY_MAX)

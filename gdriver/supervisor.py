@@ -132,16 +132,20 @@ class Driver:
             return
         with contextlib.suppress(ValueError):  # not the main thread: the caller's signals
             signal.signal(signal.SIGHUP, self._on_signal)  # a reload once running, not death
-        s = self.settings
-        specs = loader.load(
-            s.namespaces, s.lib, s.worker_options, s.job_runtime_attributes, s.server, self.wanted
-        )
-        loader.check_unique([*self.manual_specs, *specs])
-        for spec in specs:
+        for spec in self.load_specs(self.settings):
             self.jobs[spec.name] = JobState(spec, spec.min_processes, spec.max_processes)
             low, high = spec.min_processes, spec.max_processes
             log.debug("added job %s (min %d, max %d)", spec.name, low, high)
         self.loaded = True
+
+    def load_specs(self, s: config.Settings) -> list[JobSpec]:
+        """The jobs of the namespaces ``s`` names, beside the jobs added by hand (raises
+        loader.LoadError: at start and for a reload)."""
+        specs = loader.load(
+            s.namespaces, s.lib, s.worker_options, s.job_runtime_attributes, s.server, self.wanted
+        )
+        loader.check_unique([*self.manual_specs, *specs])
+        return specs
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> int:

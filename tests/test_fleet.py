@@ -1,0 +1,66 @@
+"""Replicas against one real gearmand: each starts its share of a backlog, not all of it.
+
+The waker of each replica is a registered worker of the job in gearmand's ``status``, so each
+replica knows how many capable workers there are fleet-wide and how many of them are its own
+(``gdriver.observer``); without that, every replica started a process for every waiting job.
+The figures at scale (3 replicas, 30 and 90 jobs) are the ``fleet`` section of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from support import Gdriver, Gearmand, submit_background, wait_for
+
+FN = "obs.metered.Metered.slow"  # min 0; each job sleeps its workload's seconds
+MAX = 6  # per replica: together they could start twice the backlog
+
+
+def worker_processes(g: Gdriver) -> int:
+    """The replica's worker processes (its children but the resolver process)."""
+    assert g.proc is not None
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if (
+                int(fields[1]) == g.proc.pid
+                and b"[resolver]" not in (stat.parent / "cmdline").read_bytes()
+            ):
+                count += 1
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile
+    return count
+
+
+def test_two_replicas_start_their_share_of_a_backlog_not_all_of_it(
+    fresh_gearmand: Gearmand,
+) -> None:
+    attributes = json.dumps({
+        FN: {"min_processes": 0, "max_processes": MAX},
+        "obs.metered.Metered.outcomes": {"min_processes": 0},  # the module's other job: none
+    })  # fmt: skip
+    args = ["--namespaces", "obs.metered", "--max_idle_time", "0"]
+    args += ["--job_runtime_attributes", attributes]
+    replicas = [Gdriver(fresh_gearmand, *args) for _ in range(2)]
+    try:
+        for g in replicas:
+            g.start()
+        # both wakers registered, no process of the job yet
+        wait_for(lambda: fresh_gearmand.status().get(FN, (0, 0, 0))[2] == 2, 20)
+        wait_for(lambda: not any(worker_processes(g) for g in replicas), 20)
+        submit_background(fresh_gearmand.address, FN, [b"1.0"] * MAX)
+        peak, done, deadline = 0, False, time.monotonic() + 15
+        while time.monotonic() < deadline and not done:
+            peak = max(peak, sum(worker_processes(g) for g in replicas))
+            total, running, _ = fresh_gearmand.status().get(FN, (0, 0, 0))
+            done = total == 0 and running == 0
+            time.sleep(0.02)
+        assert done, "the backlog was not drained in 15 s"
+        # every replica starting all of it: 2 x 6 = 12 processes for 6 jobs
+        assert 0 < peak <= MAX * 1.2, peak
+    finally:
+        for g in replicas:
+            assert g.stop() == 0
