@@ -8,6 +8,7 @@ import errno
 import heapq
 import itertools
 import logging
+import select
 import selectors
 import socket
 import time
@@ -39,6 +40,7 @@ class EventLoop:
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self.last_tick = time.monotonic()
+        self.servers: list[TcpServer] = []  # the listeners open on this loop (console, HTTP)
 
     def fileno(self) -> int:
         return int(self.selector.fileno())
@@ -104,7 +106,9 @@ class TcpServer:
     """A listening socket served by the loop: hands each client to ``connect()``, closes the
     stale ones every ``reap_interval`` s, and keeps at most ``max_connections``: a new client
     past the limit is served and the least recently active connection is closed to make room,
-    so idle or stuck clients can never lock the others out."""
+    so idle or stuck clients can never lock the others out. Out of descriptors, the loop's
+    listener holding the most connections gives one up the same way, so clients of one
+    listener (idle HTTP connections) cannot lock out those of another (the console)."""
 
     max_connections = 64
     reap_interval = 1.0
@@ -125,6 +129,7 @@ class TcpServer:
         self.sock.setblocking(False)
         self.loop.add(self.sock, selectors.EVENT_READ, self.on_accept)
         self.timer = self.loop.call_later(self.reap_interval, self.reap)
+        self.loop.servers.append(self)
         message = f"{self.name} listening on {host}:{port}"
         log_event(log, logging.INFO, message, f"{self.name}_listening", port=port)
 
@@ -143,21 +148,39 @@ class TcpServer:
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # that client gave up before we took it
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.connections:
-                    self.evict()  # out of descriptors: an old client makes room for the new
-                    continue
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    if not self.client_waiting():
+                        return  # accept() says EMFILE before it looks at the backlog
+                    if self.make_room():
+                        continue
                 # the client stays in the backlog: retry later rather than spin on it
                 log.warning("%s: accept failed: %s", self.name, exc)
                 self.pause_accept()
                 return
             sock.setblocking(False)
             while len(self.connections) >= self.max_connections:
-                self.evict()
+                self.evict(f"{self.max_connections} connections open")
             conn = self.connect(sock)
             self.connections.add(conn)
             self.loop.add(sock, selectors.EVENT_READ, conn.on_event)
 
-    def evict(self) -> None:
+    def client_waiting(self) -> bool:
+        """A client is in the listening socket's backlog (poll() needs no new descriptor)."""
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        return bool(poll.poll(0))
+
+    def make_room(self) -> bool:
+        """Out of descriptors: the listener holding the most connections (this one on a tie)
+        closes its least recently active. False when no listener holds one."""
+        holders = [server for server in self.loop.servers if server.connections]
+        if not holders:
+            return False
+        holder = max(holders, key=lambda server: (len(server.connections), server is self))
+        holder.evict(f"out of descriptors for a {self.name} client")
+        return True
+
+    def evict(self, why: str) -> None:
         """Close the least recently active connection (its client sees a plain close)."""
         victim = min(self.connections, key=lambda c: c.last_active)
         with contextlib.suppress(OSError):
@@ -168,8 +191,8 @@ class TcpServer:
         now = time.monotonic()
         if now - self.evict_logged >= self.evict_log_interval:
             message = (
-                f"{self.name}: {self.max_connections} connections open, closed the least "
-                f"recently active to make room ({self.evicted} since the last record)"
+                f"{self.name}: {why}, closed the least recently active connection to make "
+                f"room ({self.evicted} since the last record)"
             )
             log_event(log, logging.WARNING, message, f"{self.name}_evicted", count=self.evicted)
             self.evict_logged = now
@@ -198,4 +221,6 @@ class TcpServer:
         for conn in list(self.connections):
             conn.close()
         self.loop.remove(self.sock)
+        with contextlib.suppress(ValueError):
+            self.loop.servers.remove(self)
         self.sock.close()

@@ -28,7 +28,7 @@ from gdriver.childio import Children
 from gdriver.jobs import JobSpec, JobState, Process
 from gdriver.logs import WRITER as LOG_WRITER
 from gdriver.logs import log_event
-from gdriver.loop import EventLoop, TcpServer
+from gdriver.loop import EventLoop
 from gdriver.metrics import Metrics
 from gdriver.poison import PoisonBook
 from gdriver.poller import Concern, GearmandPoller, Status
@@ -74,7 +74,6 @@ class Driver:
         self.stopping = False
         self.stop_deadline = 0.0
         self.generation = 0
-        self.listeners: list[TcpServer] = []  # the console and HTTP; closed in children
         self.wakers: list[Waker] = []
         self.resolver = Resolver(self.loop, self.children.broadcast, metrics=self.metrics)
         s = self.settings
@@ -224,18 +223,17 @@ class Driver:
             if not port:
                 continue
             try:
-                self.listeners.append(server(self, host, port))
+                server(self, host, port)  # joins self.loop.servers
             except OSError as exc:
-                for listener in self.listeners:
+                for listener in list(self.loop.servers):
                     listener.close()
-                self.listeners = []
                 raise resources.bind_error(what, host, port, exc) from None
 
     def check_resources(self) -> None:
         """The most processes the jobs may run, against the descriptor limit."""
         s = self.settings
         most = min(s.max_total_processes, sum(j.max_processes for j in self.jobs.values()))
-        connections = sum(getattr(x, "max_connections", 0) for x in self.listeners)
+        connections = sum(x.max_connections for x in self.loop.servers)
         resources.check_nofile(most, len(s.servers), connections)
 
     def make_wakers(self) -> None:
@@ -248,7 +246,7 @@ class Driver:
     def teardown(self) -> None:
         for w in self.wakers:
             w.close()
-        for listener in self.listeners:
+        for listener in list(self.loop.servers):
             with contextlib.suppress(Exception):
                 listener.close()
         self.poller.close()
@@ -318,7 +316,7 @@ class Driver:
         fds = [self.loop.fileno(), self._wake_r, self._wake_w, *self.poller.fds()]
         fds.extend(self.resolver.fds())
         fds.extend(self.children.fds())
-        for listener in self.listeners:
+        for listener in self.loop.servers:
             fds.extend(listener.fds())
         for waker in self.wakers:
             fds.extend(waker.fds())
