@@ -53,7 +53,8 @@ SERVER = textwrap.dedent(
     used = [int(fd) for fd in os.listdir("/proc/self/fd")]  # and the listing's own
     limit = max(used) + 1 + int(sys.argv[1])  # a few descriptors beyond those open now
     spare = limit - (len(used) - 1)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     print(many.sock.getsockname()[1], few.sock.getsockname()[1], limit, spare, flush=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
