@@ -140,6 +140,7 @@ class TcpServer:
         return [self.sock.fileno(), *(c.sock.fileno() for c in self.connections)]
 
     def on_accept(self, mask: int) -> None:
+        made_room = False  # a close made room and accept() has not taken a client since
         for _ in range(64):
             try:
                 sock, _addr = self.sock.accept()
@@ -151,12 +152,17 @@ class TcpServer:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     if not self.client_waiting():
                         return  # accept() says EMFILE before it looks at the backlog
-                    if self.make_room():
+                    # once per shortage: when the close freed nothing accept() can use (the
+                    # system's table, ENFILE, refilled; a limit lowered below the descriptors
+                    # open), more closes would only empty the listeners
+                    if not made_room and self.make_room():
+                        made_room = True
                         continue
                 # the client stays in the backlog: retry later rather than spin on it
                 log.warning("%s: accept failed: %s", self.name, exc)
                 self.pause_accept()
                 return
+            made_room = False
             sock.setblocking(False)
             while len(self.connections) >= self.max_connections:
                 self.evict(f"{self.max_connections} connections open")
@@ -172,8 +178,9 @@ class TcpServer:
 
     def make_room(self) -> bool:
         """Out of descriptors: the listener holding the most connections (this one on a tie)
-        closes its least recently active. False when no listener holds one."""
-        holders = [server for server in self.loop.servers if server.connections]
+        closes its least recently active. Another listener's only connection (an operator's
+        console session) is left alone. False when there is nothing to close."""
+        holders = [s for s in self.loop.servers if len(s.connections) > (0 if s is self else 1)]
         if not holders:
             return False
         holder = max(holders, key=lambda server: (len(server.connections), server is self))
@@ -194,7 +201,8 @@ class TcpServer:
                 f"{self.name}: {why}, closed the least recently active connection to make "
                 f"room ({self.evicted} since the last record)"
             )
-            log_event(log, logging.WARNING, message, f"{self.name}_evicted", count=self.evicted)
+            log_event(log, logging.WARNING, message, f"{self.name}_evicted", count=self.evicted,
+                      reason=why)  # fmt: skip
             self.evict_logged = now
             self.evicted = 0
 
