@@ -67,23 +67,51 @@ SERVER = textwrap.dedent(
 )
 
 
+class Listeners:
+    """The server process, its two ports, its descriptor limit and the room under it (spare),
+    and the clients a test opened."""
+
+    def __init__(self, proc: subprocess.Popen[str], line: str) -> None:
+        self.proc = proc
+        self.many, self.few, self.limit, self.spare = (int(x) for x in line.split())
+        assert 0 < self.spare < 20, self.spare  # fill()'s 20 clients are more than the room
+        self.clients: list[socket.socket] = []
+
+    def connect(self, port: int) -> socket.socket:
+        self.clients.append(socket.create_connection((HOST, port), timeout=5))
+        return self.clients[-1]
+
+    def fill(self) -> list[socket.socket]:
+        """20 clients of "many": the process's every descriptor number ends up in use, each
+        client past the room having closed the least recently active. Once no client waits,
+        accept() still says EMFILE; that closes nothing (before, one more). The newest are
+        served, the one before them was closed."""
+        many = [self.connect(self.many) for _ in range(20)]
+        wait_for(lambda: len(os.listdir(f"/proc/{self.proc.pid}/fd")) >= self.limit, 10)
+        assert [ask(s) for s in many[-self.spare :]] == [b"many\n"] * self.spare
+        assert ask(many[-self.spare - 1]) == b""
+        return many
+
+
 @pytest.fixture
-def listeners() -> Iterator[tuple[subprocess.Popen[str], int, int, int, int]]:
+def listeners() -> Iterator[Listeners]:
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER, "6"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    assert proc.stdout is not None
     try:
-        assert proc.stdout is not None
-        many, few, limit, spare = (int(x) for x in proc.stdout.readline().split())
-        assert 0 < spare < 20, spare  # the tests' 20 clients are more than the room
-        yield proc, many, few, limit, spare
+        it = Listeners(proc, proc.stdout.readline())
+        try:
+            yield it
+        finally:
+            for s in it.clients:
+                s.close()
     finally:
         stop_pid(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        proc.stdout.close()
 
 
 def ask(s: socket.socket) -> bytes:
@@ -92,56 +120,34 @@ def ask(s: socket.socket) -> bytes:
 
 
 def test_out_of_descriptors_the_listener_holding_most_gives_one_up(listeners) -> None:
-    proc, many_port, few_port, limit, spare = listeners
-    clients: list[socket.socket] = []
-    try:
-        many = [socket.create_connection((HOST, many_port), timeout=5) for _ in range(20)]
-        clients += many
-        # the process's every descriptor number is in use: the listeners hit EMFILE. Once no
-        # client waits, accept() still says EMFILE; that closes nothing (before, one more)
-        wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) >= limit, 10)
-        assert [ask(s) for s in many[-spare:]] == [b"many\n"] * spare
-        assert ask(many[-spare - 1]) == b""  # made room for the newer ones
-        # "few" holds no connection to give up: before, its accepting paused until "many"
-        # freed a descriptor, which idle clients never do
-        first = socket.create_connection((HOST, few_port), timeout=5)
-        clients.append(first)
-        assert ask(first) == b"few\n"
-        # "few" holds one now, "many" still the most: "many" gives way again
-        second = socket.create_connection((HOST, few_port), timeout=5)
-        clients.append(second)
-        assert ask(second) == b"few\n"
-        assert ask(first) == b"few\n"
-        assert ask(many[-1]) == b"many\n"
-        assert proc.poll() is None
-    finally:
-        for s in clients:
-            s.close()
+    it = listeners
+    many = it.fill()
+    # "few" holds no connection to give up: before, its accepting paused until "many" freed
+    # a descriptor, which idle clients never do
+    first = it.connect(it.few)
+    assert ask(first) == b"few\n"
+    # "few" holds one now, "many" still the most: "many" gives way again
+    second = it.connect(it.few)
+    assert ask(second) == b"few\n"
+    assert ask(first) == b"few\n"
+    assert ask(many[-1]) == b"many\n"
+    assert it.proc.poll() is None
 
 
 def test_a_close_that_frees_nothing_usable_is_not_repeated(listeners) -> None:
     """The limit lowered below the descriptors open: a close makes no room accept() can use.
     One connection is given up, not every listener's; accepting pauses until the limit is
     raised, and then the waiting client is served."""
-    proc, many_port, few_port, limit, spare = listeners
-    clients: list[socket.socket] = []
-    try:
-        many = [socket.create_connection((HOST, many_port), timeout=5) for _ in range(20)]
-        clients += many
-        wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) >= limit, 10)
-        assert [ask(s) for s in many[-spare:]] == [b"many\n"] * spare
-        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (3, limit))
-        late = socket.create_connection((HOST, few_port), timeout=5)
-        clients.append(late)
-        time.sleep(0.5)  # its listener tries, pauses, tries again after a second
-        answered = [ask(s) for s in many[-spare:]]
-        assert answered.count(b"many\n") == spare - 1, answered  # before: 1, the rest closed
-        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
-        assert ask(late) == b"few\n"
-        assert proc.poll() is None
-    finally:
-        for s in clients:
-            s.close()
+    it = listeners
+    many = it.fill()
+    resource.prlimit(it.proc.pid, resource.RLIMIT_NOFILE, (3, it.limit))
+    late = it.connect(it.few)
+    time.sleep(0.5)  # its listener tries, pauses, tries again after a second
+    answered = [ask(s) for s in many[-it.spare :]]
+    assert answered.count(b"many\n") == it.spare - 1, answered  # before: none, all closed
+    resource.prlimit(it.proc.pid, resource.RLIMIT_NOFILE, (it.limit, it.limit))
+    assert ask(late) == b"few\n"
+    assert it.proc.poll() is None
 
 
 class Held:
