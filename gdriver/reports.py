@@ -77,8 +77,11 @@ class Reports:
             case channel.Registered(servers):
                 was = proc.registered
                 proc.registered = servers > 0
-                if proc.registered and not was and proc.idle_since is None:
-                    proc.idle_since = now
+                if proc.registered and not was:
+                    if proc.idle_since is None:
+                        proc.idle_since = now
+                    if any(not w.functions.isdisjoint(job.functions) for w in d.wakers):
+                        d.update_wakers()  # the process stands for the replica in gearmand
             case channel.GrabsRefused(servers):
                 proc.grabs_refused = servers
             case channel.Exiting(reason):

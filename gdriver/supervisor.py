@@ -349,8 +349,6 @@ class Driver:
         io.attach(self.loop, pid, job.name, partial(self.reports.on_message, proc))
         self.children[pid] = io
         self.metrics.process_starts.labels(job.name).inc()
-        if any(not w.functions.isdisjoint(job.functions) for w in self.wakers):
-            self.update_wakers()  # unregister the waker before the new process registers
         log_event(log, logging.INFO, "process started", "process_started", pid=pid,
                   job_name=job.name, reason=reason)  # fmt: skip
         return proc
@@ -620,9 +618,18 @@ class Driver:
         self.update_readiness()
 
     def update_wakers(self) -> None:
-        """Wakers watch the functions of jobs that have no process (and may have one)."""
+        """Wakers watch the functions of jobs that have no process (and may have one), and
+        keep watching a job's functions until one of its new processes has registered them:
+        until then gearmand would count none of this replica's workers for them, and another
+        replica's observer would take the whole backlog for itself."""
         if self.wakers:
-            idle = [j for j in self.jobs.values() if j.max_processes > 0 and not j.live()]
+            watched = frozenset().union(*(w.functions for w in self.wakers))
+            idle = [
+                j
+                for j in self.jobs.values()
+                if j.max_processes > 0
+                and (not j.live() or not (j.registered_count or watched.isdisjoint(j.functions)))
+            ]
             functions = {fn for j in idle for fn in j.functions}
             for w in self.wakers:
                 w.set_functions(functions)

@@ -8,6 +8,7 @@ The figures at scale (3 replicas, 30 and 90 jobs) are the ``fleet`` section of `
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -64,3 +65,30 @@ def test_two_replicas_start_their_share_of_a_backlog_not_all_of_it(
     finally:
         for g in replicas:
             assert g.stop() == 0
+
+
+def test_the_waker_stands_for_the_replica_until_a_new_process_registers(
+    fresh_gearmand: Gearmand,
+) -> None:
+    """Between a process's fork and its registration, gearmand would otherwise count none of
+    the replica's workers for the job: another replica's observer then saw itself alone and
+    started processes for the whole backlog (test above: a peak of 9 for 6 jobs, now and
+    then)."""
+    fn = "obs.latecomer.Latecomer.work"
+    g = Gdriver(fresh_gearmand, "--namespaces", "obs.latecomer").start()
+    try:
+        wait_for(lambda: fresh_gearmand.workers_for(fn) == 1, 20)  # the waker
+        submit_background(fresh_gearmand.address, fn, [b"x"])
+        wait_for(lambda: worker_processes(g) >= 1, 10)  # forked; registers 1.5 s later
+        workers, total = [], 1
+        deadline = time.monotonic() + 10
+        while total and time.monotonic() < deadline:
+            total, _, n = fresh_gearmand.status().get(fn, (0, 0, 0))
+            workers.append(n)
+            time.sleep(0.05)
+        assert total == 0, "the job was not done in 10 s"
+        # a waker re-arming drops and re-registers its functions in one write: one sample of
+        # 0 may catch that; before, 0 from the fork until the registration (1.5 s)
+        assert not any(a == b == 0 for a, b in itertools.pairwise(workers)), workers
+    finally:
+        assert g.stop() == 0
