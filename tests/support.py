@@ -23,10 +23,21 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 HOST = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never handed out before in this run: two ports
+    picked in a row for one process (its console and its metrics) could otherwise be the
+    same, as bind() to port 0 may give a port back once it is closed."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no port left that was not handed out before")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

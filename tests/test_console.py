@@ -26,6 +26,7 @@ from support import (
     running,
     wait_for,
 )
+from test_reliability import metric
 
 PING = "obs.console.Console.ping"
 PONG = "obs.console.Console.pong"
@@ -396,8 +397,9 @@ def test_t041_runtime_attributes_padding(gearmand: Gearmand) -> None:
 def test_limits_take_effect_at_once(fresh_gearmand: Gearmand) -> None:
     """With a 30 s interval nothing but the command itself can change the processes."""
     g = fresh_gearmand
-    with running(g, "--namespaces", "obs.console", "--interval", "30") as d:
-        time.sleep(0.5)  # the first poll (at 0.2 s) is done; the next is 30 s away
+    with running(g, "--namespaces", "obs.console", "--interval", "30", metrics=True) as d:
+        # the first poll (at 0.2 s) is done; the next is 30 s away
+        wait_for(lambda: metric(d.metrics_port, "gdriver_observer_poll_duration_seconds_count"))
         assert d.console(f"set_processes {PING} 2 2") == ["OK"]
         pids = show_pids(d, PING)
         assert len(pids) == 2

@@ -208,6 +208,20 @@ def stubborn(gearmand: Gearmand, function: str, *args: str, **kw: Any) -> Gdrive
     return g
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """The process set SIGTERM to be ignored (its SigIgn mask in /proc)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def running(gearmand: Gearmand, function: str) -> int:
+    """Jobs of ``function`` a worker has taken, as gearmand's status counts them."""
+    return gearmand.status().get(function, (0, 0, 0))[1]
+
+
 def test_a_process_ignoring_sigterm_is_gone_after_its_job(fresh_gearmand):
     g = stubborn(fresh_gearmand, "stubborn.deaf", "--graceful_timeout", "5")
     try:
@@ -217,9 +231,9 @@ def test_a_process_ignoring_sigterm_is_gone_after_its_job(fresh_gearmand):
             target=lambda: result.append(do(fresh_gearmand.address, "stubborn.deaf", b"2").result)
         )
         worker.start()
-        wait_for(lambda: g.console("status") and any(
-            line.split()[0] == "stubborn.deaf" for line in g.console("status")), 5)  # fmt: skip
-        time.sleep(0.5)
+        # the job runs in it, SIGTERM ignored
+        wait_for(lambda: running(fresh_gearmand, "stubborn.deaf") == 1, 5)
+        wait_for(lambda: ignores_sigterm(first), 5)
         assert g.console(f"kill {first}") == ["OK"]
         worker.join(10)
         assert result == [str(first).encode()]  # its job finished
@@ -236,7 +250,7 @@ def test_a_process_ignoring_sigterm_is_gone_after_its_job(fresh_gearmand):
 
 def test_a_process_that_ignores_sigterm_and_its_channel_is_killed(fresh_gearmand, tmp_path):
     flag = tmp_path / "hang"
-    config = {"worker_options": {"Stubborn": {"hang_flag": str(flag)}}, "graceful_timeout": 5}
+    config = {"worker_options": {"Stubborn": {"hang_flag": str(flag)}}, "graceful_timeout": 20}
     g = stubborn(fresh_gearmand, "stubborn.starts", config=config)
     try:
         flag.touch()
@@ -244,11 +258,13 @@ def test_a_process_that_ignores_sigterm_and_its_channel_is_killed(fresh_gearmand
         g.console(f"kill {old}")
         wait_for(lambda: not pid_alive(old), 5)
         hung = wait_for(lambda: [int(p) for p in g.console("show stubborn.starts")[1:]], 5)[0]
-        time.sleep(0.5)  # in its start hook, SIGTERM ignored, not reading its channel
+        wait_for(lambda: ignores_sigterm(hung), 5)  # in its start hook, not reading its channel
         g.console(f"kill {hung}")
         started = time.monotonic()
-        wait_for(lambda: not pid_alive(hung), 8)
-        assert time.monotonic() - started < 5
+        wait_for(lambda: not pid_alive(hung), 12)
+        # killed KILL_GRACE (3 s) after the SIGTERM, up to a housekeeping turn later: not at
+        # graceful_timeout (20 s)
+        assert time.monotonic() - started < 8
         assert g.wait_log(lambda r: r.get("event") == "stop_ignored" and r["pid"] == hung)
         flag.unlink()
     finally:
@@ -259,9 +275,7 @@ def test_a_job_timeout_is_enforced_during_a_drain(fresh_gearmand):
     g = stubborn(fresh_gearmand, "stubborn.unstoppable", "--graceful_timeout", "60")
     try:
         submit_background(fresh_gearmand.address, "stubborn.unstoppable", ["30"])
-        wait_for(lambda: any(line.startswith("stubborn.unstoppable")
-                             for line in g.console("status")), 5)  # fmt: skip
-        time.sleep(0.3)
+        wait_for(lambda: running(fresh_gearmand, "stubborn.unstoppable") == 1, 5)
         assert g.proc is not None
         os.kill(g.pid, signal.SIGTERM)
         started = time.monotonic()
@@ -375,7 +389,7 @@ def test_sigabrt_drains_like_sigterm(fresh_gearmand):
             target=lambda: result.append(do(fresh_gearmand.address, "drill.pid", b"1.5").result)
         )
         client.start()
-        time.sleep(0.5)
+        wait_for(lambda: running(fresh_gearmand, "drill.pid") == 1, 5)
         os.kill(g.pid, signal.SIGABRT)
         assert g.proc is not None
         g.proc.wait(20)

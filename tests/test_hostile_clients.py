@@ -334,7 +334,9 @@ def test_console_flooders_do_not_stall_the_loop(gd: Gdriver) -> None:
         assert flood.returncode == 0
         replies = [int(x) for x in out.split()]
         assert len(replies) == 3 and all(r > 100 for r in replies), replies  # all were served
-        assert worst < 1.0, f"/healthz took {worst:.2f}s while 3 clients flooded the console"
-        assert console_took < 1.0, f"the console took {console_took:.2f}s"
+        # about 0.15 s at worst on a 2-core machine the flood keeps busy; a stalled loop takes
+        # seconds
+        assert worst < 2.5, f"/healthz took {worst:.2f}s while 3 clients flooded the console"
+        assert console_took < 2.5, f"the console took {console_took:.2f}s"
     finally:
         stop_pid(flood)

@@ -70,11 +70,11 @@ class Hooked(Worker):
     prefix = "hooked."
 
     def end(self, job, workload, error):
-        time.sleep(0.4)  # longer than what is left of the job's timeout
+        time.sleep(1.2)  # longer than what is left of the job's timeout
 
-    @job(min_processes=1, max_processes=1, timeout=1)
+    @job(min_processes=1, max_processes=1, timeout=2)
     def near_limit(self, job, workload):
-        time.sleep(0.8)
+        time.sleep(1.0)
         return str(os.getpid())
 
     @job(min_processes=1, max_processes=1)
