@@ -292,7 +292,9 @@ def run(ctx: h.Context) -> dict[str, Any]:
             "value": cost["50000"]["median"],
             "unit": "ms",
             "target": "linear",
-            "pass": max(per_line) <= 2.0 * min(per_line),
+            # the largest two sizes: at 1,100 lines the round's fixed cost (the requests, the
+            # gauges) is most of it, and its cost per line says nothing of the growth
+            "pass": per_line[-1] <= 2.0 * per_line[-2],
             "note": "per 1,000 lines: "
             + ", ".join(f"{v:.2f} ms" for v in per_line)
             + f" (1,100 / 5,000 / 50,000 lines: {cost['1100']['median']:.2f} / "
