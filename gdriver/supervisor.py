@@ -44,6 +44,7 @@ log = logging.getLogger("gdriver")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)  # ABRT: as Perl
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGCHLD)
 KILL_GRACE = 3.0  # s between TERM and KILL for a hung job
+WAKER_STAND = 10.0  # s a waker stands for a job whose new processes have not registered yet
 
 
 class Driver:
@@ -75,6 +76,7 @@ class Driver:
         self.stop_deadline = 0.0
         self.generation = 0
         self.wakers: list[Waker] = []
+        self.wakers_standing = False  # for a job whose new processes have not registered
         self.resolver = Resolver(self.loop, self.children.broadcast, metrics=self.metrics)
         s = self.settings
         self.poller = GearmandPoller(self.loop, self.metrics, self.on_status, s.servers, s.interval,
@@ -481,8 +483,9 @@ class Driver:
             self.observe(status)
         except Exception:  # the next round is scheduled after this returns: never stop it
             log.exception("observer: scaling failed; the next poll tries again")
-        for w in self.wakers:
-            w.arm()
+        if not self.wakers_standing:  # else: woken at once while the job is queued, polling
+            for w in self.wakers:  # again and again until its process registers
+                w.arm()
 
     def job_views(self) -> list[observer.JobView]:
         views = []
@@ -618,18 +621,27 @@ class Driver:
         self.update_readiness()
 
     def update_wakers(self) -> None:
-        """Wakers watch the functions of jobs that have no process (and may have one), and
-        keep watching a job's functions until one of its new processes has registered them:
-        until then gearmand would count none of this replica's workers for them, and another
-        replica's observer would take the whole backlog for itself."""
+        """Wakers watch the functions of jobs that have no process (and may have one). They
+        keep watching a job's functions until one of its new processes has registered them,
+        for at most WAKER_STAND s after the newest one's start: until then gearmand would
+        count none of this replica's workers for them, and another replica's observer would
+        take the whole backlog for itself. While they stand for one, they are not armed."""
         if self.wakers:
             watched = frozenset().union(*(w.functions for w in self.wakers))
-            idle = [
-                j
-                for j in self.jobs.values()
-                if j.max_processes > 0
-                and (not j.live() or not (j.registered_count or watched.isdisjoint(j.functions)))
-            ]
+            now = time.monotonic()
+            idle, standing = [], False
+            for j in self.jobs.values():
+                if j.max_processes <= 0:
+                    continue
+                live = j.live()
+                if not live:
+                    idle.append(j)
+                elif not (j.registered_count or watched.isdisjoint(j.functions)) and any(
+                    now - p.started < WAKER_STAND for p in live
+                ):
+                    idle.append(j)
+                    standing = True
+            self.wakers_standing = standing
             functions = {fn for j in idle for fn in j.functions}
             for w in self.wakers:
                 w.set_functions(functions)

@@ -7,7 +7,8 @@ PRE_SLEEP and never grabs: gearmand answers PRE_SLEEP with NOOP as soon as a job
 of them is queued, and the supervisor polls at once. It never takes a job.
 
 Side effect: while a job has no process, gearmand's ``workers`` column for its functions
-counts this connection.
+counts this connection; on purpose, until one of the job's new processes has registered (at
+most ``supervisor.WAKER_STAND`` s), so that other replicas count this one meanwhile.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from support import Gdriver, Gearmand, submit_background, wait_for
+from test_reliability import metric
 
 FN = "obs.metered.Metered.slow"  # min 0; each job sleeps its workload's seconds
 MAX = 6  # per replica: together they could start twice the backlog
@@ -92,3 +93,31 @@ def test_the_waker_stands_for_the_replica_until_a_new_process_registers(
         assert not any(a == b == 0 for a, b in itertools.pairwise(workers)), workers
     finally:
         assert g.stop() == 0
+
+
+def test_a_process_that_does_not_register_is_stood_for_a_while_without_a_poll_storm(
+    fresh_gearmand: Gearmand,
+) -> None:
+    """A new process that does not register (its after_fork hangs): the waker stands for
+    the job at most WAKER_STAND s, and it is not armed meanwhile (armed, gearmand woke it at
+    once for the queued job after every poll round: a poll every 0.2 s)."""
+    from gdriver.supervisor import WAKER_STAND
+
+    fn = "obs.latecomer.Latecomer.work"
+    config = {"worker_options": {"Latecomer": {"delay": 60}}, "graceful_timeout": 2}
+    args = ("--namespaces", "obs.latecomer", "--interval", "30")
+    g = Gdriver(fresh_gearmand, *args, metrics=True, config=config).start()
+    try:
+        wait_for(lambda: fresh_gearmand.workers_for(fn) == 1, 20)  # the waker
+        submit_background(fresh_gearmand.address, fn, [b"x"])
+        wait_for(lambda: worker_processes(g) >= 1, 10)
+        forked = time.monotonic()
+        polls = metric(g.metrics_port, "gdriver_observer_poll_duration_seconds_count")
+        time.sleep(3)
+        more = metric(g.metrics_port, "gdriver_observer_poll_duration_seconds_count") - polls
+        assert more <= 2, more  # before: 15 or so
+        assert fresh_gearmand.workers_for(fn) == 1  # the waker stands for the job
+        wait_for(lambda: fresh_gearmand.workers_for(fn) == 0, WAKER_STAND + 5)
+        assert time.monotonic() - forked >= WAKER_STAND - 1
+    finally:
+        g.stop()

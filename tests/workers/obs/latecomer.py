@@ -7,8 +7,10 @@ from gdriver import Worker, job
 
 
 class Latecomer(Worker):
+    delay = 1.5  # s before a new process registers (worker_options)
+
     def after_fork(self):
-        time.sleep(1.5)
+        time.sleep(float(self.delay))
 
     @job(min_processes=0, max_processes=2)
     def work(self, job, workload):
