@@ -483,6 +483,7 @@ class Driver:
             self.observe(status)
         except Exception:  # the next round is scheduled after this returns: never stop it
             log.exception("observer: scaling failed; the next poll tries again")
+        self.update_wakers()  # for the processes this round started
         if not self.wakers_standing:  # else: woken at once while the job is queued, polling
             for w in self.wakers:  # again and again until its process registers
                 w.arm()
