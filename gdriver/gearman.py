@@ -241,7 +241,7 @@ class _Text:
     def __get__(self, job: Job | None, owner: Any = None) -> _Text | str:
         if job is None:
             return self
-        text = getattr(job, self.text)
+        text = getattr(job, self.text, None)  # a job _run_job made leaves it unset
         if text is None:
             text = getattr(job, self.raw).decode("utf-8", "surrogateescape")
             setattr(job, self.text, text)
@@ -746,8 +746,7 @@ class GearmanWorker:
             on_wake(fd)
         elif not _drain(fd):
             self._poller.unregister(fd)  # type: ignore[union-attr]
-        if not self._stopping and self._should_stop():
-            self._stopping = True
+        self._stop_now()
 
     def forget(self) -> None:
         """In a process forked from this one (job code called ``os.fork``): close this
@@ -1194,7 +1193,6 @@ class GearmanWorker:
             job.function_name = name
             job._handle = handle
             job._unique = unique
-            job._handle_text = job._unique_text = None
             job._conn = c
             job._gen = c.gen
             try:

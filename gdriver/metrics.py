@@ -262,13 +262,14 @@ class JobDurations:
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.LABELS)
+        created = _created_series()
         for labels, series in self.series.items():
             buckets, running = [], 0
             for le, n in zip(self.les, series.counts, strict=True):
                 running += n
                 buckets.append((le, float(running)))
             family.add_metric(labels, buckets, series.sum)
-            if _created_series():
+            if created:
                 names = dict(zip(self.LABELS, labels, strict=True))
                 family.add_sample(f"{self.name}_created", names, series.created)
         yield family

@@ -46,6 +46,7 @@ _JOB_AT = 16  # after begun and finished
 _RING_AT = 160
 RECORD = 1024  # bytes per slot: 4 to a page
 assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= RECORD
+assert _DONE.format.endswith("B")  # records() reads each outcome as its record's last byte
 _TABLE_AT = 64  # after the header: version
 _SLOTS_AT = 20480  # page aligned, after the table
 assert _TABLE_AT + TABLE * _ENTRY.size <= _SLOTS_AT

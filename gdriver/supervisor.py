@@ -76,7 +76,6 @@ class Driver:
         self.stop_deadline = 0.0
         self.generation = 0
         self.wakers: list[Waker] = []
-        self.wakers_standing = False  # for a job whose new processes have not registered
         self.resolver = Resolver(self.loop, self.children.broadcast, metrics=self.metrics)
         s = self.settings
         self.poller = GearmandPoller(self.loop, self.metrics, self.on_status, s.servers, s.interval,
@@ -483,9 +482,10 @@ class Driver:
             self.observe(status)
         except Exception:  # the next round is scheduled after this returns: never stop it
             log.exception("observer: scaling failed; the next poll tries again")
-        self.update_wakers()  # for the processes this round started
-        if not self.wakers_standing:  # else: woken at once while the job is queued, polling
-            for w in self.wakers:  # again and again until its process registers
+        # looked at again for the processes this round started; standing for a job, an armed
+        # waker would be woken at once while the job is queued, a poll after every round
+        if not self.update_wakers():
+            for w in self.wakers:
                 w.arm()
 
     def job_views(self) -> list[observer.JobView]:
@@ -621,16 +621,18 @@ class Driver:
             self.children.resend(self.resolver.messages())
         self.update_readiness()
 
-    def update_wakers(self) -> None:
+    def update_wakers(self) -> bool:
         """Wakers watch the functions of jobs that have no process (and may have one). They
         keep watching a job's functions until one of its new processes has registered them,
         for at most WAKER_STAND s after the newest one's start: until then gearmand would
         count none of this replica's workers for them, and another replica's observer would
-        take the whole backlog for itself. While they stand for one, they are not armed."""
+        take the whole backlog for itself. Returns whether they stand for such a job (then
+        they are not to be armed)."""
+        standing = False
         if self.wakers:
             watched = frozenset().union(*(w.functions for w in self.wakers))
             now = time.monotonic()
-            idle, standing = [], False
+            idle = []
             for j in self.jobs.values():
                 if j.max_processes <= 0:
                     continue
@@ -642,10 +644,10 @@ class Driver:
                 ):
                     idle.append(j)
                     standing = True
-            self.wakers_standing = standing
             functions = {fn for j in idle for fn in j.functions}
             for w in self.wakers:
                 w.set_functions(functions)
+        return standing
 
     def enforce_timeouts(self, job: JobState, now: float) -> None:
         """A job past its timeout (and KILL_GRACE more: the process's own alarm failed):

@@ -31,14 +31,12 @@ HEADLINE = "threads=default(4)"
 
 
 class Setup:
-    """One gearmand with the three workers on it."""
+    """One gearmand with the four workers on it."""
 
     def __init__(self, threads: int | None) -> None:
         self.gearmand = h.Gearmand(threads)
         self.gdriver: h.Gdriver | None = None
-        self.pyworker: Any = None
-        self.cworker: Any = None
-        self.floor: Any = None
+        self.workers: dict[str, Any] = {}  # the contenders but gdriver: their processes
         self.functions = {
             "gdriver": GDRIVER_FN,
             "pygearman": "bench.pygearman.echo",
@@ -48,13 +46,13 @@ class Setup:
 
     def start(self) -> Setup:
         g = self.gearmand.start()
-        self.cworker = h.start([h.GEARMAN, "-w", "-f", self.functions["c"], "-h", h.HOST,
-                                "-p", str(g.port)])  # fmt: skip
-        self.pyworker = h.start(
+        self.workers["c"] = h.start([h.GEARMAN, "-w", "-f", self.functions["c"], "-h", h.HOST,
+                                     "-p", str(g.port)])  # fmt: skip
+        self.workers["pygearman"] = h.start(
             [h.PYTHON, str(h.BENCH / "pyworker.py"), g.address, self.functions["pygearman"]],
             env=h.clean_env(),
         )
-        self.floor = h.start(
+        self.workers["python"] = h.start(
             [h.PYTHON, str(h.BENCH / "pyfloor.py"), h.HOST, str(g.port), self.functions["python"]],
             env=h.clean_env(),
         )
@@ -78,15 +76,13 @@ class Setup:
             if kids:
                 out["gdriver_child"] = kids[0]
             return out
-        proc = {"pygearman": self.pyworker, "python": self.floor}.get(who, self.cworker)
-        return {who: proc.pid}
+        return {who: self.workers[who].pid}
 
     def stop(self) -> None:
         if self.gdriver is not None:
             self.gdriver.stop()
-        h.stop(self.pyworker)
-        h.stop(self.floor)
-        h.stop(self.cworker)
+        for proc in self.workers.values():
+            h.stop(proc)
         self.gearmand.stop()
 
 
