@@ -23,15 +23,21 @@ The child's side is :class:`Slot`; everything else is the supervisor's.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
+import time
 from typing import NamedTuple
 
 from gdriver.attributes import PROCESS_LIMIT
+from gdriver.logs import log_event
+
+log = logging.getLogger("gdriver.slots")
 
 FIELD = 64  # bytes kept of a handle or a unique (gearmand's own limit for both)
 RING = 64  # finished jobs remembered: at least the reports a process batches (FLUSH_JOBS)
 TABLE = 256  # poison table entries: the most recent jobs that killed their processes
+TABLE_WAIT = 1.0  # s a process waits at most for the supervisor to finish writing the table
 OUTCOMES = ("complete", "fail", "exception")
 OUTCOME_CODE = {name: i for i, name in enumerate(OUTCOMES)}
 
@@ -180,19 +186,38 @@ class Slot:
         self.attach(bytearray(_SLOTS_AT + RECORD), 0)
 
     def read_table(self) -> None:
-        for _ in range(100):  # the supervisor writes it seldom: a torn read is retried
+        """Read the poison table the supervisor wrote (a sequence lock: its version is odd
+        while it is written, and changes with each write). A write is one copy of a few KiB,
+        but the supervisor can be descheduled in it: the read waits for it, TABLE_WAIT at
+        most, rather than start a poisoned job on a table it could not read (a fresh process
+        knows no poisoned job). Past that (the supervisor stopped or died in a write) the job
+        is looked up in the table last read, logged, and this version is not waited for again."""
+        deadline = 0.0
+        pause = 0.0
+        while True:
             version = _COUNT.unpack_from(self.buffer, 0)[0]
-            if version % 2:
-                continue  # being written
-            keys = {}
-            for i in range(TABLE):
-                at = _TABLE_AT + i * _ENTRY.size
-                key, until, deaths, why = _ENTRY.unpack_from(self.buffer, at)
-                if key:
-                    keys[key] = (deaths, _text(why.rstrip(b"\0")), until)
-            if _COUNT.unpack_from(self.buffer, 0)[0] == version:
-                self.seen, self.keys = version, keys
+            if not version % 2:
+                table = bytes(self.buffer[_TABLE_AT : _TABLE_AT + TABLE * _ENTRY.size])
+                if _COUNT.unpack_from(self.buffer, 0)[0] == version:
+                    keys = {}
+                    for key, until, deaths, why in _ENTRY.iter_unpack(table):
+                        if key:
+                            keys[key] = (deaths, _text(why.rstrip(b"\0")), until)
+                    self.seen, self.keys = version, keys
+                    return
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + TABLE_WAIT
+            elif now >= deadline:
+                self.seen = version
+                message = (
+                    f"the poison table stayed in a write for {TABLE_WAIT:.1f}s: jobs are "
+                    "looked up in the table read before"
+                )
+                log_event(log, logging.WARNING, message, "poison_table_unread", version=version)
                 return
+            time.sleep(pause)  # 0 first: a yield
+            pause = min(0.01, pause * 2 or 0.0001)
 
 
 _forking: tuple[Board, int] | None = None  # the slot of the process being forked
@@ -321,14 +346,14 @@ class Board:
         why), at most TABLE of them, the last ones kept; every process reads them before its
         next job."""
         entries = entries[-TABLE:]
-        self.version += 1
-        buffer = self.buffer
-        _COUNT.pack_into(buffer, 0, self.version)  # a reader sees it change under its read
-        for i in range(TABLE):
-            key, until, deaths, why = entries[i] if i < len(entries) else (0, 0.0, 0, "")
+        table = bytearray(TABLE * _ENTRY.size)  # unused entries: key 0
+        for i, (key, until, deaths, why) in enumerate(entries):
             data = why.encode("utf-8", "replace")[: _ENTRY.size - 18]
-            _ENTRY.pack_into(buffer, _TABLE_AT + i * _ENTRY.size, key, until, min(deaths, 65535),
-                             data)  # fmt: skip
+            _ENTRY.pack_into(table, i * _ENTRY.size, key, until, min(deaths, 65535), data)
+        buffer = self.buffer
+        self.version += 1
+        _COUNT.pack_into(buffer, 0, self.version)  # odd: a reader waits for the copy below
+        buffer[_TABLE_AT : _TABLE_AT + len(table)] = table
         self.version += 1
         _COUNT.pack_into(buffer, 0, self.version)
 

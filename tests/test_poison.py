@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import socket
 import struct
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -118,6 +119,58 @@ def test_the_poison_book_poisons_at_the_threshold_and_processes_see_it() -> None
     running = slots.RunningJob(0, "H:9", "", 1.0, b"H:9", b"")
     assert all(not book.died("job", "f", running, segv).poisoned for _ in range(5))
     assert child.begin(0, "f", b"H:9", b"", 0.0) == ""
+    child.release()  # its views of the mapping, before it closes
+    board.close()
+
+
+def mid_write(board: slots.Board) -> None:
+    """The table's version as the supervisor leaves it while it writes the table (odd)."""
+    struct.pack_into("=Q", board.buffer, 0, board.version + 1)
+
+
+def test_a_process_waits_for_the_table_being_written_before_its_job() -> None:
+    # a fresh process (it knows no poisoned job) grabs a job while the supervisor, which has
+    # just poisoned it, is descheduled halfway through writing the table
+    board = slots.Board(1)
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(1, index)
+    key = slots.job_key("f", b"H:1", b"u1")
+    mid_write(board)
+    writer = threading.Timer(0.2, board.set_poison, [[(key, 1e12, 2, "exit status 3")]])
+    writer.start()
+    try:
+        why = child.begin(0, "f", b"H:1", b"u1", 0.0)
+    finally:
+        writer.join()
+    assert why.startswith("poison job: 2 worker processes died running it (last: exit status 3)")
+    child.release()  # its views of the mapping, before it closes
+    board.close()
+
+
+def test_a_table_left_in_a_write_is_waited_for_once_then_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the supervisor stopped (SIGSTOP, or died) halfway through a write: each job must not
+    # wait for it; the table read before stays in use, and the next write is read
+    monkeypatch.setattr(slots, "TABLE_WAIT", 0.2)
+    board = slots.Board(1)
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(1, index)
+    key = slots.job_key("f", b"H:1", b"u1")
+    board.set_poison([(key, 1e12, 2, "exit status 3")])
+    assert child.begin(0, "f", b"H:1", b"u1", 0.0).startswith("poison job")
+    mid_write(board)
+    started = time.monotonic()
+    assert child.begin(0, "f", b"H:1", b"u1", 0.0).startswith("poison job")  # the last table
+    assert 0.2 <= time.monotonic() - started < 2
+    assert [getattr(r, "event", "") for r in caplog.records] == ["poison_table_unread"]
+    started = time.monotonic()
+    assert child.begin(0, "f", b"H:2", b"u2", 0.0) == ""
+    assert time.monotonic() - started < 0.1  # waited for once
+    board.set_poison([])  # the write ends (a later one)
+    assert child.begin(0, "f", b"H:1", b"u1", 0.0) == ""
     child.release()  # its views of the mapping, before it closes
     board.close()
 
