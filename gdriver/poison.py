@@ -73,6 +73,7 @@ class PoisonBook:
         self.threshold = threshold  # read at each death: a reload may change it
         self.clock = clock  # the processes compare the table's times with their perf_counter
         self.records: OrderedDict[int, Record] = OrderedDict()  # key -> record, oldest first
+        self.counted: dict[int, tuple[Record, int]] = {}  # pid -> death counted at its stop
 
     def exited(
         self,
@@ -91,6 +92,16 @@ class PoisonBook:
                 on_reports(job, proc, unsent)
         self.board.release(proc.pid)
         running = state.running
+        counted = self.counted.pop(proc.pid, None)
+        if counted is not None:  # stopped for its timeout: the death was counted then
+            record, finished = counted
+            if running is not None and state.finished == finished:  # it died in that job
+                if record.last != describe(ended):
+                    record.last = describe(ended)
+                    if record.poisoned:
+                        self.publish()
+                return Death(running, record.function, record)
+            self.undo(record)  # it finished the job after all, before it ended
         if running is None or job is None:
             return Death(running)
         death = Death(running, function_of(proc.functions, running.method))
@@ -98,17 +109,37 @@ class PoisonBook:
             death.record = self.died(job.name, death.function, running, ended)
         return death
 
+    def stopping(self, proc: Process, job: JobState) -> dict[str, object]:
+        """The supervisor stops ``proc`` because its job ran past its timeout: the death is
+        counted against the job now, before the signal (the table published at the
+        threshold), not when the process is reaped. gearmand hands the job to another idle
+        process of the function as soon as this one's connection closes, which is before the
+        supervisor can reap it: a replacement already started, or a sibling. The log fields
+        of the job."""
+        state = self.board.read(proc.pid, time.perf_counter())
+        running = state.running
+        if running is None:
+            return {}
+        function = function_of(proc.functions, running.method)
+        record = self.died(job.name, function, running, Exit("timeout", signal="SIGKILL"))
+        self.counted[proc.pid] = (record, state.finished)
+        return Death(running, function, record).fields()
+
+    def undo(self, record: Record) -> None:
+        """A death counted at a timeout stop did not happen: the process finished the job."""
+        record.deaths -= 1
+        threshold = self.threshold()
+        if record.poisoned and not (threshold and record.deaths >= threshold):
+            record.poisoned = False
+            self.publish()
+        if record.deaths <= 0 and self.records.get(record.key) is record:
+            del self.records[record.key]
+
     def unsent(self, proc: Process, end: int, live: bool) -> list[JobReport]:
         """The reports of ``proc``'s jobs from the first it has not sent (or whose message was
         lost) up to ``end``, as its slot still holds them."""
         found = self.board.finished_range(proc.pid, proc.reported, end, live)
         return [report_of(f, proc.functions) for f in found]
-
-    def running(self, proc: Process, job: JobState) -> dict[str, object]:
-        """The log fields of the job a live process runs now (none between jobs)."""
-        running = self.board.read(proc.pid, time.perf_counter()).running
-        function = function_of(proc.functions, running.method) if running else ""
-        return Death(running, function).fields()
 
     @staticmethod
     def counts(running: RunningJob | None, ended: Exit) -> bool:

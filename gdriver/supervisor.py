@@ -662,7 +662,7 @@ class Driver:
             elif limit and proc.busy and now - proc.busy_since > limit + KILL_GRACE:
                 message = f"job {job.name} ran past its timeout of {limit}s; stopping process"
                 log_event(log, logging.WARNING, message, "timeout", pid=proc.pid,
-                          job_name=job.name, **self.poison.running(proc, job))  # fmt: skip
+                          job_name=job.name, **self.poison.stopping(proc, job))  # fmt: skip
                 proc.stop_reason = "timeout"
                 self.stop_process(proc, "timeout")
 

@@ -231,6 +231,47 @@ def test_a_dead_process_is_read_against_its_own_job_after_a_reload() -> None:
     board.close()
 
 
+def test_a_timeout_stop_counts_the_death_at_once_and_takes_it_back_if_the_job_ends() -> None:
+    board = slots.Board(2)
+    book = PoisonBook(board, Metrics(), lambda: 1)
+    spec = JobSpec("job", Worker(), [MethodSpec("f", "f", _body)])
+    job = JobState(spec, 1, 2)
+    index = board.claim()
+    hung = slots.child_slot()  # in the child, forked between the claim and the bind
+    board.bind(7, index)
+    proc = Process(pid=7, job_name="job", started=0.0, functions=("f",))
+    hung.begin(0, "f", b"H:1", b"u1", 0.0)
+    fields = book.stopping(proc, job)  # SIGTERM is sent after this
+    assert (fields["deaths"], fields["poisoned"], fields["handle"]) == (1, True, "H:1")
+    index = board.claim()
+    sibling = slots.child_slot()  # an idle process: it gets the job once the hung one dies
+    board.bind(8, index)
+    assert sibling.begin(0, "f", b"H:1", b"u1", 0.0).startswith("poison job: 1 worker")
+    # the hung process finished the job after all, then exited: not a death
+    hung.finish(0, 9.0)
+    death = book.exited(proc, job, Exit("timeout", status=0), lambda j, p, reports: None)
+    assert death.record is None and not book.records and not book.counted
+    assert sibling.begin(0, "f", b"H:1", b"u1", 0.0) == ""  # the table says so too
+    # killed in the job: the death counted at the stop, not again, with how it ended
+    hung.release()
+    index = board.claim()
+    hung = slots.child_slot()
+    board.bind(9, index)
+    proc = Process(pid=9, job_name="job", started=0.0, functions=("f",))
+    hung.begin(0, "f", b"H:2", b"u2", 0.0)
+    book.stopping(proc, job)
+    death = book.exited(proc, job, Exit("crash", status=4), lambda j, p, reports: None)
+    assert death.record is not None and death.record.deaths == 1
+    assert death.record.last == "exit status 4"
+    assert sibling.begin(0, "f", b"H:2", b"u2", 0.0).endswith(
+        "1 worker processes died running it (last: exit status 4); "
+        "failed without running it again (poison_threshold)"
+    )
+    for slot in (hung, sibling):
+        slot.release()  # its views of the mapping, before it closes
+    board.close()
+
+
 def _body(worker: object, job: object, workload: object) -> None:
     return None
 
@@ -303,7 +344,10 @@ def status_line(g: Gdriver, job_name: str) -> str:
 
 def test_poison_jobs_are_failed_with_a_message_after_the_threshold(fresh_gearmand, tmp_path):
     ledger = tmp_path / "ledger"
-    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}, "poison_threshold": 2}
+    # polls every 0.3 s: a hung job's process is replaced while it is told to stop, so an idle
+    # process of the function is there to grab the job the moment the hung one is killed
+    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}, "poison_threshold": 2,
+              "interval": 0.3}  # fmt: skip
     g = Gdriver(fresh_gearmand, *NS, config=config, metrics=True).start()
     kinds = {"exit": "exit status 3", "segv": "signal SIGSEGV",
              "hang": "signal SIGKILL after its timeout"}  # fmt: skip
@@ -345,6 +389,10 @@ def test_poison_jobs_are_failed_with_a_message_after_the_threshold(fresh_gearman
                        and r.get("function") == "poison.hang"]  # fmt: skip
         assert all(r["signal"] == "SIGKILL" and r["reason"] == "timeout" for r in hang_deaths)
         assert all(r["job_seconds"] > 3 for r in hang_deaths)
+        # the supervisor stops a hung job's process: the death is counted then, before gearmand
+        # can hand the job to the idle process (the second stop poisons it before the kill)
+        stops = [r for r in g.records() if r.get("event") == "timeout"]
+        assert [(r["deaths"], r["poisoned"]) for r in stops] == [(1, False), (2, True)], stops
         # the processes serve again: a poison job costs its threshold in processes, no more
         for kind in kinds:
             wait_for(lambda k=kind: fresh_gearmand.workers_for(f"poison.{k}") >= 1, 15)
