@@ -22,7 +22,8 @@ packet, never its stdout.  The first byte of a message is its tag.  Child -> sup
   from one job to the next stays busy and sends nothing between them
 - ``L<json>``: a log record, already formatted
 - ``X<reason>``: about to exit on its own (``max_jobs``, ``lifetime``, ``timeout``, ``exit``)
-- ``P<json>``: failed a poison job without running it: ``[function, handle, unique]``
+- ``P<json>``: failed a poison job without running it: ``[function, handle, unique, deaths,
+  last exit]``
   (``gdriver.poison``); its report follows in a ``D`` message as any failed job's
 
 Supervisor -> child, one kind of message only:
@@ -124,6 +125,8 @@ class Poisoned(NamedTuple):
     function: str
     handle: str
     unique: str
+    deaths: int  # of the job, as the process knew them
+    last: str  # how the last process that ran it died
 
 
 Message = Registered | GrabsRefused | Busy | Done | Idle | Log | Exiting | Poisoned
@@ -150,8 +153,8 @@ def encode_exiting(reason: str) -> bytes:
     return EXITING + reason.encode()
 
 
-def encode_poisoned(function: str, handle: str, unique: str) -> bytes:
-    data = json.dumps([function, handle, unique], ensure_ascii=False)
+def encode_poisoned(function: str, handle: str, unique: str, deaths: int, last: str) -> bytes:
+    data = json.dumps([function, handle, unique, deaths, last], ensure_ascii=False)
     return POISONED + data.encode("utf-8", "surrogateescape")[:MAX_MESSAGE]
 
 
@@ -232,7 +235,10 @@ def decode(data: bytes) -> Message | None:
         if tag == EXITING:
             return Exiting(body.decode("ascii", "replace"))
         if tag == POISONED:
-            return Poisoned(*(str(s) for s in json.loads(body.decode("utf-8", "surrogateescape"))))
+            function, handle, unique, deaths, last = json.loads(
+                body.decode("utf-8", "surrogateescape")
+            )
+            return Poisoned(str(function), str(handle), str(unique), int(deaths), str(last))
     except (ValueError, TypeError, struct.error):
         return None
     return None

@@ -314,7 +314,7 @@ class Child:
 
     def refuse(self, job: Job, function: str, why: str, start: float) -> NoReturn:
         """Fail a poison job without running it (``gdriver.poison``): the supervisor logs it."""
-        self.send(messages.encode_poisoned(function, job.handle, job.unique))
+        self.send(messages.encode_poisoned(function, job.handle, job.unique, *self.slot.refused))
         self.jobs_done += 1
         self.pending_end = end = time.perf_counter()
         self.pending = (slots.OUTCOME_CODE["fail"], end - start, why[:MAX_ERROR], function)

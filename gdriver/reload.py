@@ -91,6 +91,8 @@ def apply_reload(driver: Driver, new: config.Settings, specs: list[JobSpec]) -> 
     logging.getLogger().setLevel(new.loglevel)
     driver.generation += 1
     reload_jobs(driver, specs)
+    if new.poison_threshold != old.poison_threshold:
+        driver.poison.publish()  # the processes compare deaths with it too
     driver.poller.configure(new.servers, new.interval)
     driver.resolver.watch(new.servers)
     if new.servers != old.servers or new.interval != old.interval:

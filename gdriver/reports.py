@@ -86,9 +86,9 @@ class Reports:
                 proc.grabs_refused = servers
             case channel.Exiting(reason):
                 proc.stop_reason = proc.stop_reason or reason
-            case channel.Poisoned(function, handle, unique):
+            case channel.Poisoned(function):
                 if function in proc.functions:
-                    d.poison.failed(job.name, function, handle, unique)
+                    d.poison.failed(job.name, function, message)
                 else:
                     self.bad_report(proc, "a poison job of another function", data)
 

@@ -3,8 +3,9 @@ supervisor shares with it, written by the child without a syscall, read by the s
 it needs it (an exit, a timeout).
 
 One anonymous shared mapping, made by the supervisor before the first fork (:class:`Board`):
-a header, the poison table (the jobs whose processes kept dying with them; see
-``gdriver.poison``), then one fixed-size record per process slot. A record holds:
+a header (the poison table's version and ``poison_threshold``), the poison table (the jobs
+whose processes died running them, the poisoned ones flagged; see ``gdriver.poison``), the
+in-flight table, then one fixed-size record per process slot. A record holds:
 
 - ``begun`` and ``finished``: jobs started and jobs finished by the process; a job runs while
   ``begun > finished``. The running job's fields are written only between jobs (``begun ==
@@ -12,11 +13,25 @@ a header, the poison table (the jobs whose processes kept dying with them; see
   reading the fields read them whole (a sequence lock at no cost to the child; the supervisor
   reads a live process's slot rarely, a dead one's without any race).
 - the running job: its start (``time.perf_counter``, CLOCK_MONOTONIC, the same in every process),
-  the index of its function in the job's methods, its handle and unique (cut to FIELD bytes).
+  the index of its function in the job's methods, its handle and unique (cut to FIELD bytes),
+  and the deaths the process knew of that job when it began it.
 - the outcomes of the last RING finished jobs: a process batches its job reports on its channel
   (``gdriver.process``), each message numbered by its first job and carrying these records
   as they are here (:meth:`Slot.last`); the reports of a process that dies before sending
   them, or whose message was lost, are read here by that number.
+- the process's pid, written by the process, cleared by the supervisor once it has counted
+  the process's death (:meth:`Board.release`).
+
+The in-flight table tells a process which slot ran the job it begins before it: each entry
+is a handle's hash and the slot of the process that began a job of that handle last. gearmand
+hands a job on when its worker's connection closes, which for a process that died in it is
+before the supervisor has reaped it and counted the death; the process that gets the job
+finds the dead one's slot still running it (its pid not cleared, the process exiting or
+gone) and counts that death itself, on top of the deaths that process knew of: a job that
+kills every process that runs it is refused after ``poison_threshold`` deaths, however many
+idle processes gearmand can hand it to. A table of INFLIGHT entries, written over freely: a
+job that runs while many others begin may lose its entry, and its death is then counted
+when the supervisor reaps the process (a moment later).
 
 The child's side is :class:`Slot`; everything else is the supervisor's.
 """
@@ -25,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
+import signal
 import struct
 import time
 from typing import NamedTuple
@@ -38,24 +55,33 @@ FIELD = 64  # bytes kept of a handle or a unique (gearmand's own limit for both)
 RING = 64  # finished jobs remembered: at least the reports a process batches (FLUSH_JOBS)
 TABLE = 256  # poison table entries: the most recent jobs that killed their processes
 TABLE_WAIT = 1.0  # s a process waits at most for the supervisor to finish writing the table
+INFLIGHT = 16384  # in-flight table entries (a power of two)
 OUTCOMES = ("complete", "fail", "exception")
 OUTCOME_CODE = {name: i for i, name in enumerate(OUTCOMES)}
 
 _COUNT = struct.Struct("=Q")
-_JOB = struct.Struct(f"=dHH{FIELD}sH{FIELD}s")  # start, method, len, handle, len, unique
+_JOB = struct.Struct(f"=dHH{FIELD}sH{FIELD}sH")  # start, method, len, handle, len, unique, deaths
 _DONE = struct.Struct("=dHB")  # seconds, method, outcome
-_ENTRY = struct.Struct("=qdH46s")  # key, expires (perf_counter), deaths, why (cut)
+_ENTRY = struct.Struct("=qdH46s")  # key, expires (perf_counter), deaths | POISONED, why (cut)
+POISONED = 0x8000  # an entry's deaths: refuse the job
+_HEADER = struct.Struct("=QQ")  # the table's version, poison_threshold
 # bound once: a job's start and end write the slot, and each lookup counts there
 _pack_job, _pack_done, _DONE_SIZE = _JOB.pack_into, _DONE.pack_into, _DONE.size
 DONE_SIZE = _DONE_SIZE  # bytes of one finished job's record
 _JOB_AT = 16  # after begun and finished
 _RING_AT = 160
 RECORD = 1024  # bytes per slot: 4 to a page
-assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= RECORD
+_PID_AT = RECORD - 8
+assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= _PID_AT
 assert _DONE.format.endswith("B")  # records() reads each outcome as its record's last byte
-_TABLE_AT = 64  # after the header: version
-_SLOTS_AT = 20480  # page aligned, after the table
-assert _TABLE_AT + TABLE * _ENTRY.size <= _SLOTS_AT
+_TABLE_AT = 64  # after the header
+_INFLIGHT_AT = 20480  # page aligned, after the table
+_SLOTS_AT = _INFLIGHT_AT + INFLIGHT * 8
+assert _TABLE_AT + TABLE * _ENTRY.size <= _INFLIGHT_AT and not _SLOTS_AT % 4096
+_TAG_BITS = 13  # an in-flight entry: a handle's hash, its low bits the slot's index + 1
+_TAG_MASK = (1 << _TAG_BITS) - 1
+assert PROCESS_LIMIT < 1 << _TAG_BITS and not INFLIGHT & (INFLIGHT - 1)
+_PF_EXITING = 0x4  # /proc/PID/stat flags: the process is exiting
 
 
 def job_key(function: str, handle: bytes, unique: bytes) -> int:
@@ -77,6 +103,7 @@ class RunningJob(NamedTuple):
     seconds: float  # in the job so far (or until the process died)
     handle_bytes: bytes
     unique_bytes: bytes
+    deaths: int = 0  # of this job, as far as the process knew when it began it
 
 
 class Finished(NamedTuple):
@@ -119,51 +146,189 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def _running(buffer: mmap.mmap | bytearray, at: int, now: float) -> SlotState:
+    """What the record at ``at`` says: its finished jobs, its running job (sequence-locked
+    against the live process writing it: a few tries, then none running)."""
+    for _ in range(100):
+        begun = _COUNT.unpack_from(buffer, at)[0]
+        finished = _COUNT.unpack_from(buffer, at + 8)[0]
+        start, method, hlen, handle, ulen, unique, deaths = _JOB.unpack_from(buffer, at + _JOB_AT)
+        if (
+            _COUNT.unpack_from(buffer, at)[0] != begun
+            or _COUNT.unpack_from(buffer, at + 8)[0] != finished
+        ):
+            continue  # it finished or started a job meanwhile: the fields may be torn
+        if begun <= finished:
+            return SlotState(finished, None)
+        handle, unique = handle[: min(hlen, FIELD)], unique[: min(ulen, FIELD)]
+        running = RunningJob(method, _text(handle), _text(unique), max(0.0, now - start),
+                             handle, unique, deaths)  # fmt: skip
+        return SlotState(finished, running)
+    return SlotState(_COUNT.unpack_from(buffer, at + 8)[0], None)
+
+
+def _died_in(
+    buffer: mmap.mmap | bytearray, index: int, handle: bytes, unique: bytes
+) -> tuple[int, str]:
+    """The slot ``index`` began a job of ``handle`` last. When it still runs that job and its
+    process is not alive in it: the job's deaths counting that one, and how it died ("": as
+    the table says; the supervisor counted it and freed the slot). A process reaped but not
+    yet freed is waited for, TABLE_WAIT at most, so that the table says how it died. Else
+    (0, "")."""
+    if index < 0 or _SLOTS_AT + (index + 1) * RECORD > len(buffer):
+        return 0, ""
+    at = _SLOTS_AT + index * RECORD
+    running = _running(buffer, at, 0.0).running
+    if running is None or (running.handle_bytes, running.unique_bytes) != (
+        handle[:FIELD],
+        unique[:FIELD],
+    ):
+        return 0, ""
+    pid = _COUNT.unpack_from(buffer, at + _PID_AT)[0]
+    if pid:
+        how = _ending(pid)
+        if how is None:  # alive: its connection to gearmand dropped, not its process
+            return 0, ""
+        if how:
+            return running.deaths + 1, how
+        deadline = time.monotonic() + TABLE_WAIT  # reaped: the supervisor is counting it
+        pause = 0.0
+        while _COUNT.unpack_from(buffer, at + _PID_AT)[0] == pid:
+            if time.monotonic() >= deadline:
+                return running.deaths + 1, "exit unknown"
+            time.sleep(pause)
+            pause = min(0.01, pause * 2 or 0.0001)
+    return running.deaths + 1, ""
+
+
+def _ending(pid: int) -> str | None:
+    """How process ``pid`` is ending, from ``/proc/PID/stat`` (its state, its flags, and the
+    exit code the kernel set when it began to exit); None: it is not; "": it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return ""
+    if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
+        return None
+    if len(fields) < 50:
+        return "exit unknown"
+    status = int(fields[49])
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        name = signal.Signals(number).name if number in signal.valid_signals() else number
+        return f"signal {name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
 class Slot:
     """The child's end of its slot (``buffer``: the shared mapping; a private bytearray when a
     process runs jobs without a supervisor, as the warm-up does)."""
 
-    __slots__ = ("at", "begun", "buffer", "counts", "done", "keys", "method", "seen", "version")
+    __slots__ = ("at", "begun", "buffer", "counts", "done", "header", "inflight", "keys",
+                 "method", "refused", "seen", "tag")  # fmt: skip
 
     def __init__(self, buffer: mmap.mmap | bytearray, index: int) -> None:
         self.attach(buffer, index)
         self.begun = self.done = 0  # the supervisor cleared the record
         self.method = 0  # of the job begun last
+        self.refused = (0, "")  # the deaths and last exit of the job refused last
 
     def attach(self, buffer: mmap.mmap | bytearray, index: int) -> None:
         self.buffer = buffer
         self.at = at = _SLOTS_AT + index * RECORD
-        # begun and finished, and the table's version, as numbers: a store, not a call, per job
-        # (views of the mapping: :meth:`release` lets a Board in the same process close it)
+        # begun and finished, the header and the in-flight table, as numbers: a store, not a
+        # call, per job (views of the mapping: :meth:`release` lets a Board in the same
+        # process close it)
         self.counts = memoryview(buffer)[at : at + 16].cast("Q")
-        self.version = memoryview(buffer)[:8].cast("Q")
+        self.header = memoryview(buffer)[: _HEADER.size].cast("Q")
+        self.inflight = memoryview(buffer)[_INFLIGHT_AT:_SLOTS_AT].cast("q")
+        self.tag = index + 1
+        _COUNT.pack_into(buffer, at + _PID_AT, os.getpid())
         self.seen = -1  # the poison table's version last read
-        self.keys: dict[int, tuple[int, str, float]] = {}  # poisoned key -> deaths, why, until
+        # key -> deaths, how the last process died, until when (perf_counter), poisoned
+        self.keys: dict[int, tuple[int, str, float, bool]] = {}
 
     def release(self) -> None:
         """Give up the views of the buffer (a process that closes the Board it shares)."""
         self.counts.release()
-        self.version.release()
+        self.header.release()
+        self.inflight.release()
 
     def begin(self, method: int, function: str, handle: bytes, unique: bytes, start: float) -> str:
-        """A job starts: record it. Returns why it must not run ("" : run it) when the poison
-        table names it."""
+        """A job starts: record it. Returns why it must not run ("" : run it): the poison
+        table says so, or the process that ran it before died in it and that death makes
+        ``poison_threshold`` (see the module)."""
+        high = hash(handle) >> _TAG_BITS
+        mine = high << _TAG_BITS | self.tag
+        inflight = self.inflight
+        at = high & (INFLIGHT - 1)
+        before = inflight[at]
+        inflight[at] = mine
+        died, how = 0, ""
+        if before != mine and before >> _TAG_BITS == high:  # another slot began this handle
+            died, how = _died_in(self.buffer, (before & _TAG_MASK) - 1, handle, unique)
+        if self.header[0] != self.seen:
+            self.read_table()
+        found = None
+        if self.keys:
+            found = self.keys.get(job_key(function, handle, unique))
+            if found is not None and found[2] <= start:
+                found = None  # forgotten
+        if died and not how and found is None:
+            died = 0  # a freed slot's job that the table does not name: not this job
+        deaths, why = died, how
+        if found is not None:
+            if found[3]:  # poisoned
+                deaths, why, died = max(found[0], died), found[1], -1
+            elif found[0] >= died or not how:
+                deaths, why = max(found[0], died), found[1]
         _pack_job(self.buffer, self.at + _JOB_AT, start, method, len(handle), handle,
-                  len(unique), unique)  # fmt: skip
+                  len(unique), unique, min(deaths, POISONED - 1))  # fmt: skip
         self.method = method
         self.begun = self.counts[0] = self.begun + 1  # the fields first (see the module)
-        if self.version[0] != self.seen:
-            self.read_table()
-        if not self.keys:
+        if not died or (died > 0 and not 0 < self.header[1] <= deaths):
             return ""
-        found = self.keys.get(job_key(function, handle, unique))
-        if found is None or found[2] <= start:  # not poisoned, or no more (expired)
-            return ""
-        deaths, why, _ = found
+        self.refused = (deaths, why)
         return (
             f"poison job: {deaths} worker processes died running it (last: {why}); "
             "failed without running it again (poison_threshold)"
         )
+
+    def read_table(self) -> None:
+        """Read the poison table the supervisor wrote (a sequence lock: its version is odd
+        while it is written, and changes with each write). A write is one copy of a few KiB,
+        but the supervisor can be descheduled in it: the read waits for it, TABLE_WAIT at
+        most, rather than start a poisoned job on a table it could not read (a fresh process
+        knows no poisoned job). Past that (the supervisor stopped or died in a write) the job
+        is looked up in the table last read, logged, and this version is not waited for again."""
+        deadline = 0.0
+        pause = 0.0
+        while True:
+            version = _COUNT.unpack_from(self.buffer, 0)[0]
+            if not version % 2:
+                table = bytes(self.buffer[_TABLE_AT : _TABLE_AT + TABLE * _ENTRY.size])
+                if _COUNT.unpack_from(self.buffer, 0)[0] == version:
+                    keys = {}
+                    for key, until, deaths, why in _ENTRY.iter_unpack(table):
+                        if key:
+                            keys[key] = (deaths & ~POISONED, _text(why.rstrip(b"\0")), until,
+                                         bool(deaths & POISONED))  # fmt: skip
+                    self.seen, self.keys = version, keys
+                    return
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + TABLE_WAIT
+            elif now >= deadline:
+                self.seen = version
+                message = (
+                    f"the poison table stayed in a write for {TABLE_WAIT:.1f}s: jobs are "
+                    "looked up in the table read before"
+                )
+                log_event(log, logging.WARNING, message, "poison_table_unread", version=version)
+                return
+            time.sleep(pause)  # 0 first: a yield
+            pause = min(0.01, pause * 2 or 0.0001)
 
     def finish(self, code: int, seconds: float) -> None:
         """The job begun last finished (``code``: its outcome's index in OUTCOMES) and its
@@ -184,40 +349,6 @@ class Slot:
         a private record from now on, never the parent's."""
         self.release()
         self.attach(bytearray(_SLOTS_AT + RECORD), 0)
-
-    def read_table(self) -> None:
-        """Read the poison table the supervisor wrote (a sequence lock: its version is odd
-        while it is written, and changes with each write). A write is one copy of a few KiB,
-        but the supervisor can be descheduled in it: the read waits for it, TABLE_WAIT at
-        most, rather than start a poisoned job on a table it could not read (a fresh process
-        knows no poisoned job). Past that (the supervisor stopped or died in a write) the job
-        is looked up in the table last read, logged, and this version is not waited for again."""
-        deadline = 0.0
-        pause = 0.0
-        while True:
-            version = _COUNT.unpack_from(self.buffer, 0)[0]
-            if not version % 2:
-                table = bytes(self.buffer[_TABLE_AT : _TABLE_AT + TABLE * _ENTRY.size])
-                if _COUNT.unpack_from(self.buffer, 0)[0] == version:
-                    keys = {}
-                    for key, until, deaths, why in _ENTRY.iter_unpack(table):
-                        if key:
-                            keys[key] = (deaths, _text(why.rstrip(b"\0")), until)
-                    self.seen, self.keys = version, keys
-                    return
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + TABLE_WAIT
-            elif now >= deadline:
-                self.seen = version
-                message = (
-                    f"the poison table stayed in a write for {TABLE_WAIT:.1f}s: jobs are "
-                    "looked up in the table read before"
-                )
-                log_event(log, logging.WARNING, message, "poison_table_unread", version=version)
-                return
-            time.sleep(pause)  # 0 first: a yield
-            pause = min(0.01, pause * 2 or 0.0001)
 
 
 _forking: tuple[Board, int] | None = None  # the slot of the process being forked
@@ -276,24 +407,7 @@ class Board:
         index = self.by_pid.get(pid, -1)
         if index < 0:
             return SlotState(0, None)
-        at = _SLOTS_AT + index * RECORD
-        buffer = self.buffer
-        for _ in range(100):
-            begun = _COUNT.unpack_from(buffer, at)[0]
-            finished = _COUNT.unpack_from(buffer, at + 8)[0]
-            start, method, hlen, handle, ulen, unique = _JOB.unpack_from(buffer, at + _JOB_AT)
-            if (
-                _COUNT.unpack_from(buffer, at)[0] != begun
-                or _COUNT.unpack_from(buffer, at + 8)[0] != finished
-            ):
-                continue  # it finished or started a job meanwhile: the fields may be torn
-            if begun <= finished:
-                return SlotState(finished, None)
-            handle, unique = handle[: min(hlen, FIELD)], unique[: min(ulen, FIELD)]
-            running = RunningJob(method, _text(handle), _text(unique), max(0.0, now - start),
-                                 handle, unique)  # fmt: skip
-            return SlotState(finished, running)
-        return SlotState(_COUNT.unpack_from(buffer, at + 8)[0], None)
+        return _running(self.buffer, _SLOTS_AT + index * RECORD, now)
 
     def holds(self, pid: int, first: int, data: bytes) -> bool | None:
         """Whether ``data`` is what ``pid``'s ring holds for its jobs from number ``first``:
@@ -335,24 +449,27 @@ class Board:
         return [f for _, f in out]
 
     def release(self, pid: int) -> None:
-        """``pid`` was reaped and read: its slot is free."""
+        """``pid`` was reaped, read, and its death counted (or not) and published: its slot
+        is free, and no process counts that death any more (see the module)."""
         index = self.by_pid.pop(pid, -1)
         if index >= 0:
+            _COUNT.pack_into(self.buffer, _SLOTS_AT + index * RECORD + _PID_AT, 0)
             self.free.append(index)
 
     # -- the poison table --------------------------------------------------------------------
-    def set_poison(self, entries: list[tuple[int, float, int, str]]) -> None:
-        """Write the poisoned jobs (key, until when: a ``time.perf_counter`` time, deaths,
-        why), at most TABLE of them, the last ones kept; every process reads them before its
-        next job."""
+    def set_poison(self, entries: list[tuple[int, float, int, str, bool]], threshold: int) -> None:
+        """Write the jobs whose processes died running them (key, until when: a
+        ``time.perf_counter`` time, deaths, why, poisoned), at most TABLE of them, the last
+        ones kept, and ``poison_threshold``; every process reads them before its next job."""
         entries = entries[-TABLE:]
         table = bytearray(TABLE * _ENTRY.size)  # unused entries: key 0
-        for i, (key, until, deaths, why) in enumerate(entries):
+        for i, (key, until, deaths, why, poisoned) in enumerate(entries):
             data = why.encode("utf-8", "replace")[: _ENTRY.size - 18]
-            _ENTRY.pack_into(table, i * _ENTRY.size, key, until, min(deaths, 65535), data)
+            deaths = min(deaths, POISONED - 1) | (POISONED if poisoned else 0)
+            _ENTRY.pack_into(table, i * _ENTRY.size, key, until, deaths, data)
         buffer = self.buffer
         self.version += 1
-        _COUNT.pack_into(buffer, 0, self.version)  # odd: a reader waits for the copy below
+        _HEADER.pack_into(buffer, 0, self.version, threshold)  # odd: readers wait for the copy
         buffer[_TABLE_AT : _TABLE_AT + len(table)] = table
         self.version += 1
         _COUNT.pack_into(buffer, 0, self.version)

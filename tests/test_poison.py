@@ -6,6 +6,8 @@ segfault and by hanging with SIGALRM blocked until SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import struct
@@ -21,7 +23,7 @@ import pytest
 from support import HOST, Gdriver, Gearmand, do, submit_background, wait_for
 
 from gdriver import slots
-from gdriver.channel import JobReport
+from gdriver.channel import JobReport, Poisoned
 from gdriver.codec import PacketType as P
 from gdriver.codec import pack
 from gdriver.exits import Exit, classify
@@ -137,7 +139,8 @@ def test_a_process_waits_for_the_table_being_written_before_its_job() -> None:
     board.bind(1, index)
     key = slots.job_key("f", b"H:1", b"u1")
     mid_write(board)
-    writer = threading.Timer(0.2, board.set_poison, [[(key, 1e12, 2, "exit status 3")]])
+    entry = (key, 1e12, 2, "exit status 3", True)
+    writer = threading.Timer(0.2, board.set_poison, [[entry], 2])
     writer.start()
     try:
         why = child.begin(0, "f", b"H:1", b"u1", 0.0)
@@ -159,7 +162,7 @@ def test_a_table_left_in_a_write_is_waited_for_once_then_logged(
     child = slots.child_slot()
     board.bind(1, index)
     key = slots.job_key("f", b"H:1", b"u1")
-    board.set_poison([(key, 1e12, 2, "exit status 3")])
+    board.set_poison([(key, 1e12, 2, "exit status 3", True)], 2)
     assert child.begin(0, "f", b"H:1", b"u1", 0.0).startswith("poison job")
     mid_write(board)
     started = time.monotonic()
@@ -169,9 +172,165 @@ def test_a_table_left_in_a_write_is_waited_for_once_then_logged(
     started = time.monotonic()
     assert child.begin(0, "f", b"H:2", b"u2", 0.0) == ""
     assert time.monotonic() - started < 0.1  # waited for once
-    board.set_poison([])  # the write ends (a later one)
+    board.set_poison([], 2)  # the write ends (a later one)
     assert child.begin(0, "f", b"H:1", b"u1", 0.0) == ""
     child.release()  # its views of the mapping, before it closes
+    board.close()
+
+
+def holder(board: slots.Board, handle: bytes, unique: bytes, then: str) -> tuple[int, int]:
+    """A real process in a slot of ``board`` that begins the job ``handle``, then exits with
+    status 3 (``then="exit"``; left unreaped: a zombie) or waits (``"wait"``: alive, as one
+    whose gearmand connection dropped). Its pid, and the write end of a pipe that ends a
+    waiting one."""
+    index = board.claim()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(w)
+            slots.child_slot().begin(0, "f", handle, unique, 0.0)
+            if then == "wait":
+                os.read(r, 1)
+        finally:
+            os._exit(3)
+    os.close(r)
+    board.bind(pid, index)
+    if then == "exit":
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+    else:
+        wait_for(lambda: board.read(pid, 0.0).running is not None, 5)
+    return pid, w
+
+
+def test_a_process_counts_the_death_of_the_one_that_ran_its_job_before_it_is_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gearmand hands a job on as the connection of the process that died in it closes, to an
+    # idle process of the function, before the supervisor has reaped the dead one
+    board = slots.Board(8)
+    book = PoisonBook(board, Metrics(), lambda: 2)  # publishes poison_threshold
+    job = JobState(JobSpec("job", Worker(), [MethodSpec("f", "f", _body)]), 1, 3)
+    exit3 = classify(3 << 8, False, "")
+    pids: list[int] = []
+    ends: list[int] = []
+    try:
+        first, end = holder(board, b"H:1", b"u1", "exit")
+        pids.append(first), ends.append(end)
+        # the second to get it counts the first death, runs it (1 < 2), and dies in it too
+        second, end = holder(board, b"H:1", b"u1", "exit")
+        pids.append(second), ends.append(end)
+        running = board.read(second, 0.0).running
+        assert running is not None and running.deaths == 1
+        # the third counts both, before the supervisor has counted either: refused
+        index = board.claim()
+        third = slots.child_slot()
+        board.bind(os.getpid(), index)
+        why = third.begin(0, "f", b"H:1", b"u1", 0.0)
+        assert why == (
+            "poison job: 2 worker processes died running it (last: exit status 3); "
+            "failed without running it again (poison_threshold)"
+        )
+        assert third.refused == (2, "exit status 3")
+        third.finish(1, 0.0)
+        # reaped (gone from /proc), its death not yet in the table: the supervisor is counting
+        # it; the table is waited for, and says it
+        gone, end = holder(board, b"H:3", b"", "exit")
+        ends.append(end)
+        os.waitpid(gone, 0)
+        proc = Process(pid=gone, job_name="job", started=0.0, functions=("f",))
+        supervisor = threading.Timer(0.3, book.exited, [proc, job, exit3, lambda *a: None])
+        started = time.monotonic()
+        supervisor.start()
+        try:
+            assert third.begin(0, "f", b"H:3", b"", 0.0) == ""  # 1 < 2
+        finally:
+            supervisor.join()
+        assert 0.3 <= time.monotonic() - started < slots.TABLE_WAIT
+        running = board.read(os.getpid(), 0.0).running
+        assert running is not None and running.deaths == 1  # as the table has it
+        third.finish(0, 0.0)
+        # ... or counted when the table does not come
+        monkeypatch.setattr(slots, "TABLE_WAIT", 0.2)
+        gone, end = holder(board, b"H:4", b"", "exit")
+        ends.append(end)
+        os.waitpid(gone, 0)
+        assert third.begin(0, "f", b"H:4", b"", 0.0) == ""
+        running = board.read(os.getpid(), 0.0).running
+        assert running is not None and running.deaths == 1
+        third.finish(0, 0.0)
+        # a process alive in the job (its connection to gearmand dropped): not a death
+        alive, end = holder(board, b"H:2", b"u2", "wait")
+        pids.append(alive), ends.append(end)
+        assert third.begin(0, "f", b"H:2", b"u2", 0.0) == ""
+        running = board.read(os.getpid(), 0.0).running
+        assert running is not None and running.deaths == 0
+        third.finish(0, 0.0)
+        # once the supervisor counted a death and freed the slot, the table says it
+        proc = Process(pid=first, job_name="job", started=0.0, functions=("f",))
+        os.waitpid(first, 0)
+        pids.remove(first)
+        death = book.exited(proc, job, exit3, lambda j, p, reports: None)
+        assert death.record is not None and death.record.deaths == 1
+        assert not death.record.poisoned
+        assert third.begin(0, "f", b"H:1", b"u1", 0.0) == ""  # 1 death, no dying holder
+        third.finish(0, 0.0)
+        third.release()
+    finally:
+        for fd in ends:
+            os.close(fd)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    board.close()
+
+
+def test_deaths_reaped_out_of_order_are_counted_once_each() -> None:
+    # both died before the supervisor's reap, which counts the second first: the second's
+    # slot says it knew of one death before it, so the table says 2 at once (not 1, while
+    # the second's slot goes to its replacement), and the first's reap adds none
+    board = slots.Board(4)
+    book = PoisonBook(board, Metrics(), lambda: 2)
+    job = JobState(JobSpec("job", Worker(), [MethodSpec("f", "f", _body)]), 1, 3)
+    exit3 = classify(3 << 8, False, "")
+    first, end1 = holder(board, b"H:1", b"u1", "exit")
+    second, end2 = holder(board, b"H:1", b"u1", "exit")
+    try:
+        os.waitpid(second, 0)
+        proc = Process(pid=second, job_name="job", started=0.0, functions=("f",))
+        record = book.exited(proc, job, exit3, lambda *a: None).record
+        assert record is not None and (record.deaths, record.poisoned) == (2, True)
+        index = board.claim()  # the second's slot, for its replacement
+        third = slots.child_slot()
+        board.bind(os.getpid(), index)
+        assert third.begin(0, "f", b"H:1", b"u1", 0.0).startswith(
+            "poison job: 2 worker processes died running it (last: exit status 3)"
+        )
+        third.release()
+        os.waitpid(first, 0)
+        proc = Process(pid=first, job_name="job", started=0.0, functions=("f",))
+        record = book.exited(proc, job, exit3, lambda *a: None).record
+        assert record is not None and record.deaths == 2
+    finally:
+        os.close(end1), os.close(end2)
+        for pid in (first, second):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    board.close()
+
+
+def test_no_death_is_counted_by_the_processes_when_the_threshold_is_off() -> None:
+    board = slots.Board(2)
+    PoisonBook(board, Metrics(), lambda: 0)
+    pid, end = holder(board, b"H:1", b"u1", "exit")
+    try:
+        index = board.claim()
+        other = slots.child_slot()
+        board.bind(os.getpid(), index)
+        assert other.begin(0, "f", b"H:1", b"u1", 0.0) == ""
+        other.release()
+    finally:
+        os.close(end)
+        os.waitpid(pid, 0)
     board.close()
 
 
@@ -189,10 +348,10 @@ def test_poisoned_jobs_are_forgotten_when_their_handle_may_name_another_job() ->
     assert book.died("job", "f", by_handle, segv).poisoned
     assert book.died("job", "f", by_unique, segv).poisoned
     assert child.begin(0, "f", b"H:host:1", b"", now[0]).startswith("poison job")
-    book.failed("job", "f", "H:host:1", "")  # gearmand has its answer: the job is over
+    book.failed("job", "f", Poisoned("f", "H:host:1", "", 1, "signal SIGSEGV"))  # answered
     assert child.begin(0, "f", b"H:host:1", b"", now[0]) == ""
     # a job with a unique: every handle it comes under is refused, for KEEP_FOR
-    book.failed("job", "f", "H:host:2", "u2")
+    book.failed("job", "f", Poisoned("f", "H:host:2", "u2", 1, "signal SIGSEGV"))
     assert child.begin(0, "f", b"H:host:9", b"u2", now[0]).startswith("poison job")
     assert child.begin(0, "f", b"H:host:2", b"", now[0]) == ""  # its handle alone: not it
     # the processes stop refusing it once it is KEEP_FOR old, table rewritten or not
@@ -293,7 +452,7 @@ def test_a_live_read_never_returns_a_torn_job(monkeypatch: pytest.MonkeyPatch) -
             if Interleaved.turns == 1:  # mid-read: job 1 ends, job 2's handle is written
                 child.finish(0, 0.1)
                 packed = bytearray(plain.size)
-                plain.pack_into(packed, 0, 2.0, 0, 5, b"H:new", 5, b"u-new")
+                plain.pack_into(packed, 0, 2.0, 0, 5, b"H:new", 5, b"u-new", 0)
                 at = slots._SLOTS_AT + index * slots.RECORD + slots._JOB_AT
                 buffer[at + 12 : at + 12 + 64] = packed[12 : 12 + 64]  # the handle only
             return super().unpack_from(buffer, offset)
@@ -412,6 +571,40 @@ def running_mixed(gearmand: Gearmand, ledger: Path, workload: str) -> Gdriver:
         g.stop()
         raise
     return g
+
+
+def test_idle_siblings_do_not_run_a_poison_job_past_the_threshold(fresh_gearmand, tmp_path):
+    # three processes of the function: gearmand hands the job to an idle one the moment the
+    # one running it dies, before the supervisor has reaped it (each job ran 3 times, not 2)
+    ledger = tmp_path / "ledger"
+    three = {"poison.jobs.Poison.exit": {"min_processes": 3, "max_processes": 3}}
+    config = {"worker_options": {"Poison": {"ledger": str(ledger)}}, "poison_threshold": 2,
+              "job_runtime_attributes": three}  # fmt: skip
+    g = Gdriver(fresh_gearmand, *NS, config=config).start()
+    try:
+        wait_for(lambda: fresh_gearmand.workers_for("poison.exit") >= 3, 15)
+        client = gearman.GearmanClient([fresh_gearmand.address])
+        for n in range(5):
+            req = client.submit_job("poison.exit", "exit", unique=f"u{n}", poll_timeout=60)
+            assert req.state == "FAILED"
+            warning = b"".join(req.warning_updates).decode()
+            assert warning.startswith("poison job: 2 worker processes died running it"), warning
+            assert "(last: exit status 3)" in warning
+        client.shutdown()
+        runs = lines(ledger)
+        assert len(runs) == 10, runs
+
+        def records(event: str) -> list[dict[str, Any]]:
+            return [r for r in g.records() if r.get("event") == event]
+
+        wait_for(
+            lambda: len(records("process_exited")) >= 10 and len(records("poison_job")) == 5, 5
+        )
+        assert all(r["function"] == "poison.exit" for r in records("process_exited"))
+        assert len(records("process_exited")) == 10
+        assert {r["deaths"] for r in records("poison_job")} == {2}
+    finally:
+        assert g.stop() == 0
 
 
 def test_a_queued_poison_job_does_not_starve_good_jobs_of_its_function(fresh_gearmand, tmp_path):
