@@ -170,7 +170,7 @@ def encode_done(first: int, ring: bytes, count: int, errors: list[tuple[int, str
         text = json.dumps(errors, ensure_ascii=False).encode("utf-8", "replace")
         room = MAX_MESSAGE - len(data)
         if len(text) > room:
-            each = max(0, room // len(errors) - 32) // 4  # characters of <= 4 bytes
+            each = max(0, room // len(errors) - 32) // 6  # characters of <= 6 bytes (\u001f)
             cut = [(n, error[:each]) for n, error in errors]
             text = json.dumps(cut, ensure_ascii=False).encode("utf-8", "replace")
         data += text
@@ -239,7 +239,7 @@ def decode(data: bytes) -> Message | None:
                 body.decode("utf-8", "surrogateescape")
             )
             return Poisoned(str(function), str(handle), str(unique), int(deaths), str(last))
-    except (ValueError, TypeError, struct.error):
+    except (ValueError, TypeError, OverflowError, struct.error):
         return None
     return None
 

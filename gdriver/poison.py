@@ -4,14 +4,15 @@ gearmand hands the job of a worker whose connection drops to another worker, so 
 kills its process (``os._exit``, a segfault, a timeout it blocks until SIGKILL) would kill
 one process after another for ever. The supervisor reads from a dead process's slot
 (``gdriver.slots``) the job it was running and counts the death against the job
-(:class:`PoisonBook`): its function and unique, or its handle when it has no unique. Every
-death goes into the table every process reads before each job, the job marked poisoned after
-``poison_threshold`` deaths: the next process that grabs it answers WORK_FAIL with a message
-saying why, without running it, tells the supervisor (channel ``P``), which logs it once and
-counts it in ``gdriver_poison_jobs_total``. A process also counts the death of the process
-that ran the job before it when that one is not reaped yet (``gdriver.slots``: the in-flight
-table), so idle processes that gearmand hands the job to at once do not run it past the
-threshold; the supervisor's count stays one per reaped death.
+(:class:`PoisonBook`): its function and unique, or its handle when it has no unique. The
+jobs' deaths go into the table every process reads before each job (the TABLE most recent,
+poisoned ones first), a job marked poisoned after ``poison_threshold`` deaths: the next
+process that grabs it answers WORK_FAIL with a message saying why, without running it, tells
+the supervisor (channel ``P``), which logs it once and counts it in
+``gdriver_poison_jobs_total``. A process also counts the death of the process that ran the
+job before it when that one is not reaped yet (``gdriver.slots``: the in-flight table), so
+idle processes that gearmand hands the job to at once do not run it past the threshold; the
+supervisor's count stays one per reaped death.
 
 A job's deaths are forgotten KEEP_FOR seconds after the last one, and a job known by its
 handle alone once it has been failed: gearmand numbers handles afresh when it restarts, so
@@ -203,13 +204,16 @@ class PoisonBook:
         """Write the jobs' deaths into the table the processes read, the poisoned ones first
         kept when there are more than it holds: each until KEEP_FOR after its last death (a
         process refuses it no more after that, table rewritten or not)."""
+        threshold = self.threshold()
+        for r in self.records.values():  # against the threshold now (a reload changes it)
+            r.poisoned = bool(threshold and r.deaths >= threshold)
         poisoned = [r for r in self.records.values() if r.poisoned][-TABLE:]
         others = [r for r in self.records.values() if not r.poisoned]
         room = TABLE - len(poisoned)
         others = others[max(0, len(others) - room) :] if room else []
         entries = [(r.key, r.since + KEEP_FOR, r.deaths, r.last, r.poisoned)
                    for r in (*others, *poisoned)]  # fmt: skip
-        self.board.set_poison(entries, self.threshold())
+        self.board.set_poison(entries, threshold)
 
     def failed(self, job_name: str, function: str, poisoned: channel.Poisoned) -> None:
         """A process failed a poison job without running it: log it, count it. A job

@@ -41,12 +41,12 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import signal
 import struct
 import time
 from typing import NamedTuple
 
 from gdriver.attributes import PROCESS_LIMIT
+from gdriver.exits import signal_name
 from gdriver.logs import log_event
 
 log = logging.getLogger("gdriver.slots")
@@ -72,7 +72,8 @@ _JOB_AT = 16  # after begun and finished
 _RING_AT = 160
 RECORD = 1024  # bytes per slot: 4 to a page
 _PID_AT = RECORD - 8
-assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= _PID_AT
+_STOPPED_AT = _PID_AT - 8  # a byte: the supervisor told the process to stop
+assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= _STOPPED_AT
 assert _DONE.format.endswith("B")  # records() reads each outcome as its record's last byte
 _TABLE_AT = 64  # after the header
 _INFLIGHT_AT = 20480  # page aligned, after the table
@@ -171,10 +172,10 @@ def _died_in(
     buffer: mmap.mmap | bytearray, index: int, handle: bytes, unique: bytes
 ) -> tuple[int, str]:
     """The slot ``index`` began a job of ``handle`` last. When it still runs that job and its
-    process is not alive in it: the job's deaths counting that one, and how it died ("": as
-    the table says; the supervisor counted it and freed the slot). A process reaped but not
-    yet freed is waited for, TABLE_WAIT at most, so that the table says how it died. Else
-    (0, "")."""
+    process is exiting in it, unreaped and not stopped by the supervisor: the job's deaths
+    counting that one, and how it died. A process reaped but whose slot is not yet freed is
+    waited for, TABLE_WAIT at most: the supervisor is counting it, and the table will say
+    it. Else (0, "")."""
     if index < 0 or _SLOTS_AT + (index + 1) * RECORD > len(buffer):
         return 0, ""
     at = _SLOTS_AT + index * RECORD
@@ -185,20 +186,21 @@ def _died_in(
     ):
         return 0, ""
     pid = _COUNT.unpack_from(buffer, at + _PID_AT)[0]
-    if pid:
-        how = _ending(pid)
-        if how is None:  # alive: its connection to gearmand dropped, not its process
-            return 0, ""
-        if how:
-            return running.deaths + 1, how
-        deadline = time.monotonic() + TABLE_WAIT  # reaped: the supervisor is counting it
-        pause = 0.0
-        while _COUNT.unpack_from(buffer, at + _PID_AT)[0] == pid:
-            if time.monotonic() >= deadline:
-                return running.deaths + 1, "exit unknown"
-            time.sleep(pause)
-            pause = min(0.01, pause * 2 or 0.0001)
-    return running.deaths + 1, ""
+    if not pid or buffer[at + _STOPPED_AT]:  # counted and freed; or a stop (not the job's doing)
+        return 0, ""
+    how = _ending(pid)
+    if how is None:  # alive: its connection to gearmand dropped, not its process
+        return 0, ""
+    if how:
+        return running.deaths + 1, how
+    deadline = time.monotonic() + TABLE_WAIT  # reaped: the supervisor is counting it
+    pause = 0.0
+    while _COUNT.unpack_from(buffer, at + _PID_AT)[0] == pid:
+        if time.monotonic() >= deadline:
+            return running.deaths + 1, "exit unknown"
+        time.sleep(pause)
+        pause = min(0.01, pause * 2 or 0.0001)
+    return 0, ""
 
 
 def _ending(pid: int) -> str | None:
@@ -207,17 +209,17 @@ def _ending(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rpartition(b")")[2].split()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return ""
+    except OSError:  # not to be read here (hidepid, out of descriptors): not known to die
+        return None
     if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
         return None
     if len(fields) < 50:
         return "exit unknown"
     status = int(fields[49])
     if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        name = signal.Signals(number).name if number in signal.valid_signals() else number
-        return f"signal {name}"
+        return f"signal {signal_name(os.WTERMSIG(status))}"
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
@@ -260,34 +262,43 @@ class Slot:
         table says so, or the process that ran it before died in it and that death makes
         ``poison_threshold`` (see the module)."""
         high = hash(handle) >> _TAG_BITS
-        mine = high << _TAG_BITS | self.tag
         inflight = self.inflight
         at = high & (INFLIGHT - 1)
         before = inflight[at]
-        inflight[at] = mine
-        died, how = 0, ""
-        if before != mine and before >> _TAG_BITS == high:  # another slot began this handle
-            died, how = _died_in(self.buffer, (before & _TAG_MASK) - 1, handle, unique)
+        inflight[at] = high << _TAG_BITS | self.tag
         if self.header[0] != self.seen:
             self.read_table()
-        found = None
-        if self.keys:
-            found = self.keys.get(job_key(function, handle, unique))
-            if found is not None and found[2] <= start:
-                found = None  # forgotten
-        if died and not how and found is None:
-            died = 0  # a freed slot's job that the table does not name: not this job
-        deaths, why = died, how
-        if found is not None:
-            if found[3]:  # poisoned
-                deaths, why, died = max(found[0], died), found[1], -1
-            elif found[0] >= died or not how:
-                deaths, why = max(found[0], died), found[1]
+        if before >> _TAG_BITS != high and not self.keys:  # nothing is known of it: run it
+            _pack_job(self.buffer, self.at + _JOB_AT, start, method, len(handle), handle,
+                      len(unique), unique, 0)  # fmt: skip
+            self.method = method
+            self.begun = self.counts[0] = self.begun + 1  # the fields first (see the module)
+            return ""
+        return self.begin_known(before, method, function, handle, unique, start)
+
+    def begin_known(
+        self, before: int, method: int, function: str, handle: bytes, unique: bytes, start: float
+    ) -> str:
+        """:meth:`begin` of a job the tables may know of: ``before`` is its handle's in-flight
+        entry as it was (a slot that began a job of the same handle's hash, or another)."""
+        threshold = self.header[1]
+        died, how = 0, ""
+        index = (before & _TAG_MASK) - 1
+        if threshold and index != self.tag - 1 and before >> _TAG_BITS == hash(handle) >> _TAG_BITS:
+            died, how = _died_in(self.buffer, index, handle, unique)
+            if self.header[0] != self.seen:  # (written while it waited)
+                self.read_table()
+        found = self.keys.get(job_key(function, handle, unique)) if self.keys else None
+        deaths, why, poisoned = died, how, False
+        if found is not None and found[2] > start:  # (past that: forgotten)
+            poisoned = found[3]
+            if found[0] >= died:
+                deaths, why = found[0], found[1]
         _pack_job(self.buffer, self.at + _JOB_AT, start, method, len(handle), handle,
                   len(unique), unique, min(deaths, POISONED - 1))  # fmt: skip
         self.method = method
         self.begun = self.counts[0] = self.begun + 1  # the fields first (see the module)
-        if not died or (died > 0 and not 0 < self.header[1] <= deaths):
+        if not (poisoned or (died and 0 < threshold <= deaths)):
             return ""
         self.refused = (deaths, why)
         return (
@@ -384,6 +395,7 @@ class Board:
         index = self.free.pop()
         at = _SLOTS_AT + index * RECORD
         self.buffer[at : at + _RING_AT] = bytes(_RING_AT)
+        self.buffer[at + _STOPPED_AT] = 0
         _forking = (self, index)
         return index
 
@@ -447,6 +459,13 @@ class Board:
             after = _COUNT.unpack_from(buffer, at + 8)[0]
             return [f for n, f in out if n + RING > after]
         return [f for _, f in out]
+
+    def stopped(self, pid: int) -> None:
+        """The supervisor tells ``pid`` to stop: a death from now on is not the job's doing
+        for the other processes (the supervisor counts a timeout's itself)."""
+        index = self.by_pid.get(pid, -1)
+        if index >= 0:
+            self.buffer[_SLOTS_AT + index * RECORD + _STOPPED_AT] = 1
 
     def release(self, pid: int) -> None:
         """``pid`` was reaped, read, and its death counted (or not) and published: its slot

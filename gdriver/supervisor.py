@@ -360,6 +360,7 @@ class Driver:
         if not proc.retiring:
             proc.retiring = True
             proc.term_sent = time.monotonic()
+            self.board.stopped(proc.pid)  # its death, if it comes, is not the job's (slots)
             proc.stop_reason = proc.stop_reason or reason
             io = self.children.get(proc.pid)
             if io is not None:

@@ -13,6 +13,7 @@ from gdriver.channel import (
     Exiting,
     Idle,
     Log,
+    Poisoned,
     Registered,
     decode,
 )
@@ -37,6 +38,8 @@ def test_every_message_decodes_to_what_was_encoded() -> None:
     assert decode(channel.encode_busy("grüße.fn")) == Busy("grüße.fn")
     assert decode(channel.encode_idle()) == Idle()
     assert decode(channel.encode_exiting("max_jobs")) == Exiting("max_jobs")
+    poisoned = Poisoned("grüße.fn", "H:1", "u\udcff", 2, "signal SIGSEGV")
+    assert decode(channel.encode_poisoned(*poisoned)) == poisoned
     line = json.dumps({"message": "hello", "level": "INFO"})
     assert decode(channel.encode_log(line)) == Log(line.encode())
     slot = finished_jobs([("complete", 0.5, 0), ("fail", 0.25, 1)], before=5)
@@ -83,11 +86,22 @@ def test_errors_keep_their_text_and_always_fit_one_message() -> None:
     assert isinstance(message, Done) and len(message.records) == slots.RING
     assert sorted(message.errors) == list(range(slots.RING))
     assert all(text and set(text) == {"€"} for text in message.errors.values())
+    # control characters: JSON writes each as 6 bytes (the message was cut to 85 kB, past
+    # what the supervisor reads at once, and dropped with its 64 reports)
+    errors = [(n, "\x00" * 512) for n in range(slots.RING)]
+    data = channel.encode_done(0, slot.last(slots.RING), slots.RING, errors)
+    assert len(data) <= MAX_MESSAGE
+    message = decode(data)
+    assert isinstance(message, Done) and sorted(message.errors) == list(range(slots.RING))
 
 
 def test_garbage_decodes_to_none() -> None:
     for data in (b"", b"?", b"Rx", b"D{", b"D[1]", b'D[["complete", 1.0]]', b"D3"):
         assert decode(data) is None, data
+    # worker code can write anything: a number past any int (it raised, the loop logged a
+    # traceback per message instead of one bad report)
+    assert decode(b'P["f", "H:1", "", 1e999, "x"]') is None
+    assert decode(b'P["f", "H:1", ""]') is None
 
 
 def test_reports_of_another_shape_do_not_decode() -> None:

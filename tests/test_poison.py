@@ -180,9 +180,10 @@ def test_a_table_left_in_a_write_is_waited_for_once_then_logged(
 
 def holder(board: slots.Board, handle: bytes, unique: bytes, then: str) -> tuple[int, int]:
     """A real process in a slot of ``board`` that begins the job ``handle``, then exits with
-    status 3 (``then="exit"``; left unreaped: a zombie) or waits (``"wait"``: alive, as one
-    whose gearmand connection dropped). Its pid, and the write end of a pipe that ends a
-    waiting one."""
+    status 3 (``then="exit"``), or is killed by signal 40 (``"rt"``, a real-time signal with
+    no name), both left unreaped (zombies), or waits (``"wait"``: alive, as one whose
+    gearmand connection dropped). Its pid, and the write end of a pipe that ends a waiting
+    one."""
     index = board.claim()
     r, w = os.pipe()
     pid = os.fork()
@@ -192,11 +193,13 @@ def holder(board: slots.Board, handle: bytes, unique: bytes, then: str) -> tuple
             slots.child_slot().begin(0, "f", handle, unique, 0.0)
             if then == "wait":
                 os.read(r, 1)
+            if then == "rt":
+                os.kill(os.getpid(), 40)
         finally:
             os._exit(3)
     os.close(r)
     board.bind(pid, index)
-    if then == "exit":
+    if then != "wait":
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
     else:
         wait_for(lambda: board.read(pid, 0.0).running is not None, 5)
@@ -315,6 +318,55 @@ def test_deaths_reaped_out_of_order_are_counted_once_each() -> None:
         for pid in (first, second):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+    board.close()
+
+
+def test_deaths_the_supervisor_caused_or_cannot_name_are_told_right() -> None:
+    board = slots.Board(4)
+    book = PoisonBook(board, Metrics(), lambda: 1)
+    pids: list[int] = []
+    ends: list[int] = []
+    try:
+        index = board.claim()
+        other = slots.child_slot()
+        board.bind(os.getpid(), index)
+        # killed by a real-time signal: named as the supervisor names it, the job refused
+        pid, end = holder(board, b"H:1", b"", "rt")
+        pids.append(pid), ends.append(end)
+        assert other.begin(0, "f", b"H:1", b"", 0.0).startswith(
+            "poison job: 1 worker processes died running it (last: signal SIG40)"
+        )
+        other.finish(1, 0.0)
+        # told to stop by the supervisor (a reload's roll, a scale-down) and dead of it in the
+        # job: not the job's doing, as the supervisor does not count it either
+        pid, end = holder(board, b"H:2", b"", "wait")
+        pids.append(pid), ends.append(end)
+        board.stopped(pid)
+        os.kill(pid, signal.SIGTERM)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        assert other.begin(0, "f", b"H:2", b"", 0.0) == ""
+        other.finish(0, 0.0)
+        other.release()
+    finally:
+        for fd in ends:
+            os.close(fd)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    # a reload that raises the threshold: what it poisoned is no more
+    limit = [2]
+    book = PoisonBook(board, Metrics(), lambda: limit[0])
+    index = board.claim()
+    child = slots.child_slot()
+    board.bind(1, index)
+    segv = classify(signal.SIGSEGV, False, "")
+    running = slots.RunningJob(0, "H:9", "u9", 1.0, b"H:9", b"u9")
+    assert [book.died("job", "f", running, segv).poisoned for _ in range(2)] == [False, True]
+    assert child.begin(0, "f", b"H:9", b"u9", 0.0).startswith("poison job: 2 worker")
+    child.finish(1, 0.0)
+    limit[0] = 5
+    book.publish()
+    assert child.begin(0, "f", b"H:9", b"u9", 0.0) == ""
+    child.release()
     board.close()
 
 
@@ -543,7 +595,11 @@ def test_poison_jobs_are_failed_with_a_message_after_the_threshold(fresh_gearman
             assert metric(g.metrics_port, "gdriver_poison_jobs_total", **labels) == 1
             row = status_line(g, job_name)
             assert row.split()[5] != "1970-01-01T00:00:00"
-            assert row.endswith(f"ERROR: {warning}")
+            # the last error: the refusal; for the hung job, or its second death when the
+            # supervisor reaped it after the refusal (the death is counted at its stop, before
+            # the kill that hands the job on to the replacement: the two then race)
+            after = ("(death 2 of that job, poisoned)",) if kind == "hang" else ()
+            assert row.endswith((f"ERROR: {warning}", *after)), row
         hang_deaths = [r for r in g.records() if r.get("event") == "process_exited"
                        and r.get("function") == "poison.hang"]  # fmt: skip
         assert all(r["signal"] == "SIGKILL" and r["reason"] == "timeout" for r in hang_deaths)
