@@ -82,7 +82,7 @@ class PoisonBook:
         self.records: OrderedDict[int, Record] = OrderedDict()  # key -> record, oldest first
         self.counted: dict[int, tuple[Record, int]] = {}  # pid -> death counted at its stop
         self.answered: dict[int, float] = {}  # jobs known by handle a process failed: -> when
-        self.publish()  # poison_threshold, for the processes (see gdriver.slots)
+        board.set_threshold(threshold())  # for the processes (see gdriver.slots)
 
     def exited(
         self,

@@ -77,11 +77,9 @@ assert _JOB_AT + _JOB.size <= _RING_AT and _RING_AT + RING * _DONE.size <= _STOP
 assert _DONE.format.endswith("B")  # records() reads each outcome as its record's last byte
 _TABLE_AT = 64  # after the header
 _INFLIGHT_AT = 20480  # page aligned, after the table
-_SLOTS_AT = _INFLIGHT_AT + INFLIGHT * 8
+_SLOTS_AT = _INFLIGHT_AT + INFLIGHT * 4
 assert _TABLE_AT + TABLE * _ENTRY.size <= _INFLIGHT_AT and not _SLOTS_AT % 4096
-_TAG_BITS = 13  # an in-flight entry: a handle's hash, its low bits the slot's index + 1
-_TAG_MASK = (1 << _TAG_BITS) - 1
-assert PROCESS_LIMIT < 1 << _TAG_BITS and not INFLIGHT & (INFLIGHT - 1)
+assert INFLIGHT == 0x3FFF + 1 and PROCESS_LIMIT < 1 << 31  # an entry: a slot's index + 1
 _PF_EXITING = 0x4  # /proc/PID/stat flags: the process is exiting
 
 
@@ -224,11 +222,11 @@ def _ending(pid: int) -> str | None:
 
 
 class Slot:
-    """The child's end of its slot (``buffer``: the shared mapping; a private bytearray when a
+    """The child's end of its slot (``buffer``: the shared mapping; a private mapping when a
     process runs jobs without a supervisor, as the warm-up does)."""
 
-    __slots__ = ("at", "begun", "buffer", "counts", "done", "header", "inflight", "keys",
-                 "method", "refused", "seen", "tag")  # fmt: skip
+    __slots__ = ("at", "begun", "buffer", "counts", "done", "entry", "header", "inflight",
+                 "keys", "method", "refused", "seen", "tag")  # fmt: skip
 
     def __init__(self, buffer: mmap.mmap | bytearray, index: int) -> None:
         self.attach(buffer, index)
@@ -244,8 +242,9 @@ class Slot:
         # process close it)
         self.counts = memoryview(buffer)[at : at + 16].cast("Q")
         self.header = memoryview(buffer)[: _HEADER.size].cast("Q")
-        self.inflight = memoryview(buffer)[_INFLIGHT_AT:_SLOTS_AT].cast("q")
+        self.inflight = memoryview(buffer)[_INFLIGHT_AT:_SLOTS_AT].cast("i")
         self.tag = index + 1
+        self.entry = 0  # the in-flight entry of the job begun last
         _COUNT.pack_into(buffer, at + _PID_AT, os.getpid())
         self.seen = -1  # the poison table's version last read
         # key -> deaths, how the last process died, until when (perf_counter), poisoned
@@ -261,14 +260,13 @@ class Slot:
         """A job starts: record it. Returns why it must not run ("" : run it): the poison
         table says so, or the process that ran it before died in it and that death makes
         ``poison_threshold`` (see the module)."""
-        high = hash(handle) >> _TAG_BITS
         inflight = self.inflight
-        at = high & (INFLIGHT - 1)
+        self.entry = at = hash(handle) & 0x3FFF  # (INFLIGHT - 1)
         before = inflight[at]
-        inflight[at] = high << _TAG_BITS | self.tag
+        inflight[at] = tag = self.tag
         if self.header[0] != self.seen:
             self.read_table()
-        if before >> _TAG_BITS != high and not self.keys:  # nothing is known of it: run it
+        if (not before or before == tag) and not self.keys:  # nothing is known of it: run it
             _pack_job(self.buffer, self.at + _JOB_AT, start, method, len(handle), handle,
                       len(unique), unique, 0)  # fmt: skip
             self.method = method
@@ -283,9 +281,8 @@ class Slot:
         entry as it was (a slot that began a job of the same handle's hash, or another)."""
         threshold = self.header[1]
         died, how = 0, ""
-        index = (before & _TAG_MASK) - 1
-        if threshold and index != self.tag - 1 and before >> _TAG_BITS == hash(handle) >> _TAG_BITS:
-            died, how = _died_in(self.buffer, index, handle, unique)
+        if threshold and before and before != self.tag:
+            died, how = _died_in(self.buffer, before - 1, handle, unique)
             if self.header[0] != self.seen:  # (written while it waited)
                 self.read_table()
         found = self.keys.get(job_key(function, handle, unique)) if self.keys else None
@@ -349,6 +346,8 @@ class Slot:
         _pack_done(self.buffer, self.at + _RING_AT + done % RING * _DONE_SIZE, seconds,
                    self.method, code)  # fmt: skip
         self.done = self.counts[1] = done + 1
+        if self.inflight[self.entry] == self.tag:  # its handle's entry: left by a death only
+            self.inflight[self.entry] = 0
 
     def last(self, n: int) -> bytes:
         """The ring's records of the last ``n`` finished jobs (at most RING), oldest first:
@@ -359,17 +358,24 @@ class Slot:
         """In a process forked from the slot's process (job code called ``os.fork``): write
         a private record from now on, never the parent's."""
         self.release()
-        self.attach(bytearray(_SLOTS_AT + RECORD), 0)
+        self.attach(_private(), 0)
 
 
 _forking: tuple[Board, int] | None = None  # the slot of the process being forked
+
+
+def _private() -> mmap.mmap:
+    """A slot's memory for a process alone: untouched pages cost nothing (a bytearray of
+    this size, zeroed, is 148 KiB written in the supervisor's heap, which its children then
+    copy as they reuse it)."""
+    return mmap.mmap(-1, _SLOTS_AT + RECORD, flags=mmap.MAP_PRIVATE)
 
 
 def child_slot() -> Slot:
     """In a forked worker process: its slot; a private one when it has none (a process
     that runs jobs in the supervisor, the warm-up, or no slot was free)."""
     if _forking is None:
-        return Slot(bytearray(_SLOTS_AT + RECORD), 0)
+        return Slot(_private(), 0)
     board, index = _forking
     return Slot(board.buffer, index)
 
@@ -476,6 +482,10 @@ class Board:
             self.free.append(index)
 
     # -- the poison table --------------------------------------------------------------------
+    def set_threshold(self, threshold: int) -> None:
+        """``poison_threshold``, for the processes (the table unchanged)."""
+        _COUNT.pack_into(self.buffer, 8, threshold)
+
     def set_poison(self, entries: list[tuple[int, float, int, str, bool]], threshold: int) -> None:
         """Write the jobs whose processes died running them (key, until when: a
         ``time.perf_counter`` time, deaths, why, poisoned), at most TABLE of them, the last

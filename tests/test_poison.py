@@ -6,7 +6,6 @@ segfault and by hanging with SIGALRM blocked until SIGKILL."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -178,32 +177,65 @@ def test_a_table_left_in_a_write_is_waited_for_once_then_logged(
     board.close()
 
 
-def holder(board: slots.Board, handle: bytes, unique: bytes, then: str) -> tuple[int, int]:
-    """A real process in a slot of ``board`` that begins the job ``handle``, then exits with
-    status 3 (``then="exit"``), or is killed by signal 40 (``"rt"``, a real-time signal with
-    no name), both left unreaped (zombies), or waits (``"wait"``: alive, as one whose
-    gearmand connection dropped). Its pid, and the write end of a pipe that ends a waiting
-    one."""
+class Holders:
+    """Real processes, each in a slot of ``board``, that begin a job and then die in it or
+    wait in it; every one is ended and reaped by the test (``with``)."""
+
+    def __init__(self, board: slots.Board) -> None:
+        self.board = board
+        self.ends: dict[int, int] = {}  # pid -> the write end of the pipe a waiting one reads
+
+    def __enter__(self) -> Holders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pid in list(self.ends):
+            self.reap(pid)
+
+    def start(self, handle: bytes, unique: bytes, then: str) -> int:
+        """A process that begins the job ``handle``, then exits with status 3 (``then="exit"``)
+        or is killed by signal 40 (``"rt"``, a real-time signal with no name), both left
+        unreaped (zombies), or waits (``"wait"``: alive, as one whose gearmand connection
+        dropped)."""
+        index = self.board.claim()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                os.close(w)
+                slots.child_slot().begin(0, "f", handle, unique, 0.0)
+                if then == "wait":
+                    os.read(r, 1)
+                if then == "rt":
+                    os.kill(os.getpid(), 40)
+            finally:
+                os._exit(3)
+        os.close(r)
+        self.board.bind(pid, index)
+        self.ends[pid] = w
+        if then != "wait":
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+        else:
+            wait_for(lambda: self.board.read(pid, 0.0).running is not None, 5)
+        return pid
+
+    def reap(self, pid: int) -> Process:
+        """End ``pid`` and reap it: what the supervisor knows of it."""
+        os.close(self.ends.pop(pid))
+        os.waitpid(pid, 0)
+        return Process(pid=pid, job_name="job", started=0.0, functions=("f",))
+
+
+def own_slot(board: slots.Board) -> slots.Slot:
+    """A slot of ``board`` for this process, as a forked one takes it."""
     index = board.claim()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        try:
-            os.close(w)
-            slots.child_slot().begin(0, "f", handle, unique, 0.0)
-            if then == "wait":
-                os.read(r, 1)
-            if then == "rt":
-                os.kill(os.getpid(), 40)
-        finally:
-            os._exit(3)
-    os.close(r)
-    board.bind(pid, index)
-    if then != "wait":
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
-    else:
-        wait_for(lambda: board.read(pid, 0.0).running is not None, 5)
-    return pid, w
+    slot = slots.child_slot()
+    board.bind(os.getpid(), index)
+    return slot
+
+
+JOB = JobState(JobSpec("job", Worker(), [MethodSpec("f", "f", lambda *a: None)]), 1, 3)
+EXIT3 = classify(3 << 8, False, "")
 
 
 def test_a_process_counts_the_death_of_the_one_that_ran_its_job_before_it_is_reaped(
@@ -213,22 +245,14 @@ def test_a_process_counts_the_death_of_the_one_that_ran_its_job_before_it_is_rea
     # idle process of the function, before the supervisor has reaped the dead one
     board = slots.Board(8)
     book = PoisonBook(board, Metrics(), lambda: 2)  # publishes poison_threshold
-    job = JobState(JobSpec("job", Worker(), [MethodSpec("f", "f", _body)]), 1, 3)
-    exit3 = classify(3 << 8, False, "")
-    pids: list[int] = []
-    ends: list[int] = []
-    try:
-        first, end = holder(board, b"H:1", b"u1", "exit")
-        pids.append(first), ends.append(end)
+    with Holders(board) as held:
+        first = held.start(b"H:1", b"u1", "exit")
         # the second to get it counts the first death, runs it (1 < 2), and dies in it too
-        second, end = holder(board, b"H:1", b"u1", "exit")
-        pids.append(second), ends.append(end)
+        second = held.start(b"H:1", b"u1", "exit")
         running = board.read(second, 0.0).running
         assert running is not None and running.deaths == 1
         # the third counts both, before the supervisor has counted either: refused
-        index = board.claim()
-        third = slots.child_slot()
-        board.bind(os.getpid(), index)
+        third = own_slot(board)
         why = third.begin(0, "f", b"H:1", b"u1", 0.0)
         assert why == (
             "poison job: 2 worker processes died running it (last: exit status 3); "
@@ -238,11 +262,8 @@ def test_a_process_counts_the_death_of_the_one_that_ran_its_job_before_it_is_rea
         third.finish(1, 0.0)
         # reaped (gone from /proc), its death not yet in the table: the supervisor is counting
         # it; the table is waited for, and says it
-        gone, end = holder(board, b"H:3", b"", "exit")
-        ends.append(end)
-        os.waitpid(gone, 0)
-        proc = Process(pid=gone, job_name="job", started=0.0, functions=("f",))
-        supervisor = threading.Timer(0.3, book.exited, [proc, job, exit3, lambda *a: None])
+        proc = held.reap(held.start(b"H:3", b"", "exit"))
+        supervisor = threading.Timer(0.3, book.exited, [proc, JOB, EXIT3, lambda *a: None])
         started = time.monotonic()
         supervisor.start()
         try:
@@ -255,35 +276,24 @@ def test_a_process_counts_the_death_of_the_one_that_ran_its_job_before_it_is_rea
         third.finish(0, 0.0)
         # ... or counted when the table does not come
         monkeypatch.setattr(slots, "TABLE_WAIT", 0.2)
-        gone, end = holder(board, b"H:4", b"", "exit")
-        ends.append(end)
-        os.waitpid(gone, 0)
+        held.reap(held.start(b"H:4", b"", "exit"))
         assert third.begin(0, "f", b"H:4", b"", 0.0) == ""
         running = board.read(os.getpid(), 0.0).running
         assert running is not None and running.deaths == 1
         third.finish(0, 0.0)
         # a process alive in the job (its connection to gearmand dropped): not a death
-        alive, end = holder(board, b"H:2", b"u2", "wait")
-        pids.append(alive), ends.append(end)
+        held.start(b"H:2", b"u2", "wait")
         assert third.begin(0, "f", b"H:2", b"u2", 0.0) == ""
         running = board.read(os.getpid(), 0.0).running
         assert running is not None and running.deaths == 0
         third.finish(0, 0.0)
         # once the supervisor counted a death and freed the slot, the table says it
-        proc = Process(pid=first, job_name="job", started=0.0, functions=("f",))
-        os.waitpid(first, 0)
-        pids.remove(first)
-        death = book.exited(proc, job, exit3, lambda j, p, reports: None)
+        death = book.exited(held.reap(first), JOB, EXIT3, lambda *a: None)
         assert death.record is not None and death.record.deaths == 1
         assert not death.record.poisoned
         assert third.begin(0, "f", b"H:1", b"u1", 0.0) == ""  # 1 death, no dying holder
         third.finish(0, 0.0)
         third.release()
-    finally:
-        for fd in ends:
-            os.close(fd)
-        for pid in pids:
-            os.waitpid(pid, 0)
     board.close()
 
 
@@ -293,96 +303,63 @@ def test_deaths_reaped_out_of_order_are_counted_once_each() -> None:
     # the second's slot goes to its replacement), and the first's reap adds none
     board = slots.Board(4)
     book = PoisonBook(board, Metrics(), lambda: 2)
-    job = JobState(JobSpec("job", Worker(), [MethodSpec("f", "f", _body)]), 1, 3)
-    exit3 = classify(3 << 8, False, "")
-    first, end1 = holder(board, b"H:1", b"u1", "exit")
-    second, end2 = holder(board, b"H:1", b"u1", "exit")
-    try:
-        os.waitpid(second, 0)
-        proc = Process(pid=second, job_name="job", started=0.0, functions=("f",))
-        record = book.exited(proc, job, exit3, lambda *a: None).record
+    with Holders(board) as held:
+        first = held.start(b"H:1", b"u1", "exit")
+        second = held.start(b"H:1", b"u1", "exit")
+        record = book.exited(held.reap(second), JOB, EXIT3, lambda *a: None).record
         assert record is not None and (record.deaths, record.poisoned) == (2, True)
-        index = board.claim()  # the second's slot, for its replacement
-        third = slots.child_slot()
-        board.bind(os.getpid(), index)
+        third = own_slot(board)  # the second's slot, for its replacement
         assert third.begin(0, "f", b"H:1", b"u1", 0.0).startswith(
             "poison job: 2 worker processes died running it (last: exit status 3)"
         )
         third.release()
-        os.waitpid(first, 0)
-        proc = Process(pid=first, job_name="job", started=0.0, functions=("f",))
-        record = book.exited(proc, job, exit3, lambda *a: None).record
+        record = book.exited(held.reap(first), JOB, EXIT3, lambda *a: None).record
         assert record is not None and record.deaths == 2
-    finally:
-        os.close(end1), os.close(end2)
-        for pid in (first, second):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
     board.close()
 
 
 def test_deaths_the_supervisor_caused_or_cannot_name_are_told_right() -> None:
     board = slots.Board(4)
-    book = PoisonBook(board, Metrics(), lambda: 1)
-    pids: list[int] = []
-    ends: list[int] = []
-    try:
-        index = board.claim()
-        other = slots.child_slot()
-        board.bind(os.getpid(), index)
+    limit = [1]
+    book = PoisonBook(board, Metrics(), lambda: limit[0])
+    with Holders(board) as held:
+        other = own_slot(board)
         # killed by a real-time signal: named as the supervisor names it, the job refused
-        pid, end = holder(board, b"H:1", b"", "rt")
-        pids.append(pid), ends.append(end)
+        held.start(b"H:1", b"", "rt")
         assert other.begin(0, "f", b"H:1", b"", 0.0).startswith(
             "poison job: 1 worker processes died running it (last: signal SIG40)"
         )
         other.finish(1, 0.0)
         # told to stop by the supervisor (a reload's roll, a scale-down) and dead of it in the
         # job: not the job's doing, as the supervisor does not count it either
-        pid, end = holder(board, b"H:2", b"", "wait")
-        pids.append(pid), ends.append(end)
+        pid = held.start(b"H:2", b"", "wait")
         board.stopped(pid)
         os.kill(pid, signal.SIGTERM)
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         assert other.begin(0, "f", b"H:2", b"", 0.0) == ""
         other.finish(0, 0.0)
+        # a reload that raises the threshold: what it poisoned is no more
+        limit[0] = 2
+        segv = classify(signal.SIGSEGV, False, "")
+        running = slots.RunningJob(0, "H:9", "u9", 1.0, b"H:9", b"u9")
+        assert [book.died("job", "f", running, segv).poisoned for _ in range(2)] == [False, True]
+        assert other.begin(0, "f", b"H:9", b"u9", 0.0).startswith("poison job: 2 worker")
+        other.finish(1, 0.0)
+        limit[0] = 5
+        book.publish()
+        assert other.begin(0, "f", b"H:9", b"u9", 0.0) == ""
         other.release()
-    finally:
-        for fd in ends:
-            os.close(fd)
-        for pid in pids:
-            os.waitpid(pid, 0)
-    # a reload that raises the threshold: what it poisoned is no more
-    limit = [2]
-    book = PoisonBook(board, Metrics(), lambda: limit[0])
-    index = board.claim()
-    child = slots.child_slot()
-    board.bind(1, index)
-    segv = classify(signal.SIGSEGV, False, "")
-    running = slots.RunningJob(0, "H:9", "u9", 1.0, b"H:9", b"u9")
-    assert [book.died("job", "f", running, segv).poisoned for _ in range(2)] == [False, True]
-    assert child.begin(0, "f", b"H:9", b"u9", 0.0).startswith("poison job: 2 worker")
-    child.finish(1, 0.0)
-    limit[0] = 5
-    book.publish()
-    assert child.begin(0, "f", b"H:9", b"u9", 0.0) == ""
-    child.release()
     board.close()
 
 
 def test_no_death_is_counted_by_the_processes_when_the_threshold_is_off() -> None:
     board = slots.Board(2)
     PoisonBook(board, Metrics(), lambda: 0)
-    pid, end = holder(board, b"H:1", b"u1", "exit")
-    try:
-        index = board.claim()
-        other = slots.child_slot()
-        board.bind(os.getpid(), index)
+    with Holders(board) as held:
+        held.start(b"H:1", b"u1", "exit")
+        other = own_slot(board)
         assert other.begin(0, "f", b"H:1", b"u1", 0.0) == ""
         other.release()
-    finally:
-        os.close(end)
-        os.waitpid(pid, 0)
     board.close()
 
 
