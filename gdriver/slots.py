@@ -22,16 +22,17 @@ in-flight table, then one fixed-size record per process slot. A record holds:
 - the process's pid, written by the process, cleared by the supervisor once it has counted
   the process's death (:meth:`Board.release`).
 
-The in-flight table tells a process which slot ran the job it begins before it: each entry
-is a handle's hash and the slot of the process that began a job of that handle last. gearmand
+The in-flight table tells a process which slot ran the job it begins before it: the entry at
+a handle's hash holds the slot of the process running a job of that handle (cleared when the
+job finishes, so left only by a running job or one that died in it). gearmand
 hands a job on when its worker's connection closes, which for a process that died in it is
 before the supervisor has reaped it and counted the death; the process that gets the job
 finds the dead one's slot still running it (its pid not cleared, the process exiting or
 gone) and counts that death itself, on top of the deaths that process knew of: a job that
 kills every process that runs it is refused after ``poison_threshold`` deaths, however many
-idle processes gearmand can hand it to. A table of INFLIGHT entries, written over freely: a
-job that runs while many others begin may lose its entry, and its death is then counted
-when the supervisor reaps the process (a moment later).
+idle processes gearmand can hand it to. A table of INFLIGHT entries: a job whose entry
+another running job's handle takes over (the same hash, 1 in INFLIGHT) loses it, and its
+death is then counted when the supervisor reaps the process (a moment later).
 
 The child's side is :class:`Slot`; everything else is the supervisor's.
 """
