@@ -246,9 +246,9 @@ class Child:
                     self.pending = (0, end - start, "", function)
                     return data
                 message = self.job_finished(job, workload, error, function, start)
-            except JobTimeout:  # the alarm fired while it was being disarmed: still a timeout
-                self.stop_requested, self.stop_reason = True, "timeout"
-                raise JobFailed(b"JobTimeout: job exceeded its timeout") from None
+            except JobTimeout as late:  # the alarm fired while it was being disarmed: a timeout
+                message = self.job_finished(job, workload, late, function, start)
+                raise JobFailed(message.encode("utf-8", "replace")) from None
             if error is not None:
                 raise JobFailed(message.encode("utf-8", "replace"))
             return data

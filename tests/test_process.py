@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from support import Gdriver, Gearmand, do, wait_for
 
-from gdriver import channel
+from gdriver import channel, process
 from gdriver.gearman import Job, JobFailed
 from gdriver.jobs import JobSpec, MethodSpec
 from gdriver.process import Child
@@ -45,6 +45,38 @@ def run_one(pair: tuple[socket.socket, socket.socket], body: Any) -> channel.Job
     ((seconds, method, code),) = done.records
     error = done.errors.get(done.first, "")
     return channel.JobReport(OUTCOMES[code], seconds, spec.functions[method], error)
+
+
+def test_an_alarm_in_the_disarm_fails_the_job_with_its_report(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the job's timeout fires as the job ends, between its last bytecode and the alarm's
+    # disarm: the job fails as a timeout, and its end reaches the slot and the supervisor (it
+    # was answered WORK_FAIL with no report: the slot said it was still running, so the
+    # process's end counted as a death of a job gearmand had its answer for)
+    calls: list[float] = []
+
+    def setitimer(which: int, seconds: float, interval: float = 0.0) -> tuple[float, float]:
+        calls.append(seconds)  # (no real alarm: this process has no handler for it)
+        if calls == [5.0, 0]:  # the job's disarm, once
+            raise process.JobTimeout("job exceeded its timeout")
+        return 0.0, 0.0
+
+    monkeypatch.setattr(process.signal, "setitimer", setitimer)
+    spec = JobSpec("t", Worker(), [MethodSpec("t.f", "f", lambda worker, job, data: b"done")])
+    spec.timeout = 5.0
+    ours, theirs = pair
+    child = Child(spec, ours, 0, 0.0)
+    with pytest.raises(JobFailed, match="JobTimeout"):
+        child.handler(spec.methods[0])(Job(b"w", "t.f", "H:1", ""))
+    assert calls == [5.0, 0]
+    child.answered(True)
+    assert child.slot.done == 1 and child.stop_requested and child.stop_reason == "timeout"
+    child.report_idle()
+    done = [channel.decode(theirs.recv(65536)) for _ in range(3)][1]
+    assert isinstance(done, channel.Done) and len(done.records) == 1
+    assert OUTCOMES[done.records[0][2]] == "exception"
+    assert done.errors[done.first].startswith("JobTimeout")
 
 
 def test_a_result_of_the_wrong_type_fails_the_job(pair: Any) -> None:
