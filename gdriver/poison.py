@@ -126,10 +126,9 @@ class PoisonBook:
     def stopping(self, proc: Process, job: JobState) -> dict[str, object]:
         """The supervisor stops ``proc`` because its job ran past its timeout: the death is
         counted against the job now, before the signal (and published), not when the process
-        is reaped. gearmand hands the job to another idle
-        process of the function as soon as this one's connection closes, which is before the
-        supervisor can reap it: a replacement already started, or a sibling. The log fields
-        of the job."""
+        is reaped. gearmand hands the job to another idle process of the function as soon as
+        this one's connection closes, which is before the supervisor can reap it: a
+        replacement already started, or a sibling. The log fields of the job."""
         state = self.board.read(proc.pid, time.perf_counter())
         running = state.running
         if running is None:
@@ -143,12 +142,9 @@ class PoisonBook:
         """A death counted at a timeout stop did not happen: the process finished the job."""
         record.deaths -= 1
         record.reaped -= 1
-        threshold = self.threshold()
-        if record.poisoned and not (threshold and record.deaths >= threshold):
-            record.poisoned = False
         if record.deaths <= 0 and self.records.get(record.key) is record:
             del self.records[record.key]
-        self.publish()
+        self.publish()  # (poisoned again as its deaths say)
 
     def unsent(self, proc: Process, end: int, live: bool) -> list[JobReport]:
         """The reports of ``proc``'s jobs from the first it has not sent (or whose message was

@@ -44,6 +44,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from gdriver.attributes import PROCESS_LIMIT
@@ -192,14 +193,23 @@ def _died_in(
         return 0, ""
     if how:
         return running.deaths + 1, how
-    deadline = time.monotonic() + TABLE_WAIT  # reaped: the supervisor is counting it
+    for _ in _waiting():  # reaped: the supervisor is counting it
+        if _COUNT.unpack_from(buffer, at + _PID_AT)[0] != pid:
+            return 0, ""
+    return running.deaths + 1, "exit unknown"
+
+
+def _waiting() -> Iterator[None]:
+    """The turns of a wait for the supervisor, TABLE_WAIT at most: the first at once, the
+    next after a yield, then after pauses of 0.1 ms doubling to 10 ms."""
+    deadline = time.monotonic() + TABLE_WAIT
     pause = 0.0
-    while _COUNT.unpack_from(buffer, at + _PID_AT)[0] == pid:
+    while True:
+        yield
         if time.monotonic() >= deadline:
-            return running.deaths + 1, "exit unknown"
+            return
         time.sleep(pause)
         pause = min(0.01, pause * 2 or 0.0001)
-    return 0, ""
 
 
 def _ending(pid: int) -> str | None:
@@ -311,9 +321,8 @@ class Slot:
         most, rather than start a poisoned job on a table it could not read (a fresh process
         knows no poisoned job). Past that (the supervisor stopped or died in a write) the job
         is looked up in the table last read, logged, and this version is not waited for again."""
-        deadline = 0.0
-        pause = 0.0
-        while True:
+        version = 0
+        for _ in _waiting():
             version = _COUNT.unpack_from(self.buffer, 0)[0]
             if not version % 2:
                 table = bytes(self.buffer[_TABLE_AT : _TABLE_AT + TABLE * _ENTRY.size])
@@ -325,19 +334,12 @@ class Slot:
                                          bool(deaths & POISONED))  # fmt: skip
                     self.seen, self.keys = version, keys
                     return
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + TABLE_WAIT
-            elif now >= deadline:
-                self.seen = version
-                message = (
-                    f"the poison table stayed in a write for {TABLE_WAIT:.1f}s: jobs are "
-                    "looked up in the table read before"
-                )
-                log_event(log, logging.WARNING, message, "poison_table_unread", version=version)
-                return
-            time.sleep(pause)  # 0 first: a yield
-            pause = min(0.01, pause * 2 or 0.0001)
+        self.seen = version
+        message = (
+            f"the poison table stayed in a write for {TABLE_WAIT:.1f}s: jobs are looked up "
+            "in the table read before"
+        )
+        log_event(log, logging.WARNING, message, "poison_table_unread", version=version)
 
     def finish(self, code: int, seconds: float) -> None:
         """The job begun last finished (``code``: its outcome's index in OUTCOMES) and its
